@@ -1,0 +1,137 @@
+"""Chat with a base model (+ LoRA adapter): interactively, one question, or a file of prompts.
+
+    python inference.py --lora_model outputs-sft --with_prompt --interactive
+    python inference.py --lora_model outputs-sft --with_prompt --data_file data/inference/medical_questions.txt \
+        --predictions_file predictions.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+logger = logging.getLogger("medgpt.inference")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base_model", default=None, help="Base model: hub name or HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--lora_model", default=None, help="LoRA adapter folder; omit for a full or merged model")
+    p.add_argument("--tokenizer_path", default=None, help="Tokenizer folder (default: --lora_model's if it has one, else --base_model's)")
+    p.add_argument("--template_name", default=None, help="Chat template (default: the one the adapter was trained with, else chatml for the embedded model, else vicuna)")
+    p.add_argument("--system_prompt", default=None, help="System prompt (default: the template's)")
+    p.add_argument("--with_prompt", action="store_true", help="Wrap each input in the chat template (needed for chat models)")
+    p.add_argument("--interactive", action="store_true", help="Multi-turn chat in the terminal, streamed")
+    p.add_argument("--prompt", default=None, help="Answer this one question and exit")
+    p.add_argument("--data_file", default=None, help="A text file with one prompt a line")
+    p.add_argument("--predictions_file", default="./predictions_result.jsonl", help="Where --data_file answers go (JSON lines: Input, Output)")
+    p.add_argument("--eval_batch_size", "--batch_size", dest="batch_size", type=int, default=4, help="Prompts generated together with --data_file")
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy decoding")
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--use_cpu", action="store_true", help="Run on the CPU even if a GPU is present")
+    p.add_argument("--gpus", default="0", help="GPU ids to use, e.g. 0 or 0,1")
+    p.add_argument("--torch_dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--load_in_8bit", action="store_true")
+    p.add_argument("--load_in_4bit", action="store_true")
+    p.add_argument("--trust_remote_code", action="store_true", help="Allow the model's own code (off by default)")
+    p.add_argument("--seed", type=int, default=42)
+    args = p.parse_args(argv)
+    modes = [m for m in ("interactive", "prompt", "data_file") if getattr(args, m)]
+    if len(modes) != 1:
+        p.error("give exactly one of --interactive, --prompt TEXT, --data_file FILE")
+    return args
+
+
+def read_prompts(path: str) -> list[str]:
+    from medgpt.data.io import DataError
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                prompts.append(line.strip())
+    if not prompts:
+        raise DataError(f"{path}: no prompts (expected one prompt a line)")
+    return prompts
+
+
+def interactive(chat, options, with_prompt: bool):
+    history: list[dict] = []
+    print("Chat with the model. Commands: 'clear' forgets the conversation, 'exit' quits.", flush=True)
+    while True:
+        try:
+            text = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not text:
+            continue
+        if text.lower() in ("exit", "quit", ":q"):
+            return
+        if text.lower() in ("clear", "/clear"):
+            history = []
+            print("(history cleared)")
+            continue
+        messages = history + [{"role": "user", "content": text}]
+        print("Assistant: ", end="", flush=True)
+        answer = ""
+        try:
+            for piece in chat.stream(messages, options, raw_prompt=None if with_prompt else text):
+                answer += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]")
+        print(flush=True)
+        history = messages + [{"role": "assistant", "content": answer.strip()}] if with_prompt else []
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not args.use_cpu and args.gpus:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", args.gpus)
+    import torch
+    from transformers import set_seed
+
+    from medgpt.generation import ChatModel, GenerationOptions
+
+    set_seed(args.seed)
+    prompts = read_prompts(args.data_file) if args.data_file else None
+    device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
+    chat = ChatModel(args.base_model, args.lora_model, args.tokenizer_path, args.template_name,
+                     args.system_prompt, device=device, torch_dtype=args.torch_dtype,
+                     load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit,
+                     trust_remote_code=args.trust_remote_code)
+    options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
+
+    def answer(batch: list[str]) -> list[str]:
+        if args.with_prompt:
+            return chat.chat([[{"role": "user", "content": q}] for q in batch], options)
+        return chat.generate_raw(batch, options)
+
+    if args.interactive:
+        interactive(chat, options, args.with_prompt)
+    elif args.prompt:
+        print(answer([args.prompt])[0], flush=True)
+    else:
+        out_dir = os.path.dirname(os.path.abspath(args.predictions_file))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(args.predictions_file, "w", encoding="utf-8") as f:
+            for start in range(0, len(prompts), args.batch_size):
+                batch = prompts[start:start + args.batch_size]
+                for q, a in zip(batch, answer(batch)):
+                    f.write(json.dumps({"Input": q, "Output": a}, ensure_ascii=False) + "\n")
+                    f.flush()  # every answer is on disk as soon as it exists
+                    print(f"Input: {q}\nOutput: {a}\n", flush=True)
+        logger.info("Wrote %d predictions to %s", len(prompts), args.predictions_file)
+
+
+if __name__ == "__main__":
+    from medgpt.cli import run_main
+    sys.exit(run_main(main))

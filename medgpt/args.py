@@ -1,0 +1,211 @@
+"""Argument dataclasses shared by every stage, and one parser that also reads `--config x.yaml`.
+
+Flag names follow MedicalGPT's scripts so that a MedicalGPT user's run_*.sh runs unchanged. Flags that
+transformers 5 removed from TrainingArguments but MedicalGPT's scripts still pass
+(--evaluation_strategy, --warmup_ratio, --overwrite_output_dir, ...) are translated, not rejected.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Model checkpoint: a hub name or a local HF folder. Default: the embedded "
+                          "SmolLM2-135M-Instruct (works offline)."},
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer name or folder, if not the model's own."})
+    model_type: Optional[str] = field(
+        default=None, metadata={"help": "Accepted for MedicalGPT compatibility; the architecture is read "
+                                        "from the model's config (AutoModel)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the model in 8-bit (bitsandbytes)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit NF4 (bitsandbytes)."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where downloaded models/datasets are cached."})
+    model_revision: Optional[str] = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
+    hf_hub_token: Optional[str] = field(default=None, metadata={"help": "Token for private hub models."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (Rust) tokenizer when there is one."})
+    torch_dtype: Optional[str] = field(
+        default=None,
+        metadata={"help": "Load dtype: auto, float32, float16 or bfloat16. On a machine without CUDA, "
+                          "half precision is replaced by float32 (CPU bf16 is ~300x slower).",
+                  "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )
+    device_map: Optional[str] = field(
+        default="auto", metadata={"help": "Device map: auto, cpu, cuda, ... (ignored under DDP: one device per rank)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow the model's own code from the hub to run (off by default)."})
+    rope_scaling: Optional[str] = field(
+        default=None, metadata={"help": "Extend the context with RoPE scaling.", "choices": ["linear", "dynamic"]})
+    flash_attn: bool = field(default=False, metadata={"help": "Use FlashAttention-2 (needs CUDA and flash-attn)."})
+    shift_attn: bool = field(
+        default=False, metadata={"help": "LongLoRA shift short attention (accepted; not supported, warns)."})
+    neft_alpha: Optional[float] = field(
+        default=0, metadata={"help": "NEFTune noise alpha on the embeddings (0 = off); 5 is a common value."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "A dataset name on the hub (datasets library)."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The hub dataset's config name."})
+    train_file_dir: Optional[str] = field(default=None, metadata={"help": "Folder of training files (.json/.jsonl; .txt for pretraining)."})
+    validation_file_dir: Optional[str] = field(default=None, metadata={"help": "Folder of validation files."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only the first N training samples."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only the first N evaluation samples."})
+    ignore_pad_token_for_loss: bool = field(default=True, metadata={"help": "Padding never counts in the loss."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Ignore cached preprocessed data."})
+    validation_split_percentage: Optional[int] = field(
+        default=1, metadata={"help": "Percent of the training data held out for evaluation when there is no validation set."})
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
+    skip_invalid_records: bool = field(
+        default=False, metadata={"help": "Skip malformed records (counted in the log) instead of stopping at the first one."})
+
+
+@dataclass
+class LoraArguments:
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (False: full-parameter training)."})
+    target_modules: Optional[str] = field(
+        default="all", metadata={"help": "Comma-separated module names for LoRA, or 'all' for every linear layer but the head."})
+    lora_rank: Optional[int] = field(default=8, metadata={"help": "LoRA rank."})
+    lora_dropout: Optional[float] = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_alpha: Optional[float] = field(default=32.0, metadata={"help": "LoRA alpha."})
+    modules_to_save: Optional[str] = field(
+        default=None, metadata={"help": "Comma-separated modules trained in full and saved with the adapter (e.g. embed_tokens,lm_head)."})
+    peft_path: Optional[str] = field(default=None, metadata={"help": "Continue training this LoRA adapter."})
+    qlora: bool = field(default=False, metadata={"help": "QLoRA: prepare the 4/8-bit model for k-bit training."})
+
+
+@dataclass
+class SFTArguments:
+    template_name: str = field(
+        default="chatml", metadata={"help": "Chat template (see template.py); the embedded SmolLM2 default uses chatml."})
+    model_max_length: int = field(default=512, metadata={"help": "Maximum tokens per sample; longer samples are cut at turn boundaries."})
+    train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens (default: assistant turns only)."})
+
+
+@dataclass
+class CompatArguments:
+    """Flags MedicalGPT's scripts pass that are no longer TrainingArguments fields in transformers 5."""
+    config: Optional[str] = field(default=None, metadata={"help": "A YAML or JSON file of flags; flags on the command line win."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start afresh even if output_dir holds checkpoints (default: resume from the last one)."})
+    logging_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard log folder (default: output_dir/runs)."})
+
+
+# Old TrainingArguments flags -> their transformers 5 names.
+_RENAMED_FLAGS = {
+    "--evaluation_strategy": "--eval_strategy",
+    "--warmup_ratio": "--warmup_steps",  # a float in [0, 1) is a ratio in transformers 5
+    "--no_cuda": "--use_cpu",
+}
+
+
+def _config_to_argv(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise SystemExit(f"error: --config {path}: no such file")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise SystemExit(f"error: {where}: not valid YAML/JSON ({getattr(e, 'problem', e)})")
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    argv: list[str] = []
+    for key, value in data.items():
+        flag = "--" + str(key).lstrip("-")
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            argv += [flag] + [str(v) for v in value]
+        elif isinstance(value, dict):
+            import json
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _translate_legacy(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, val = arg.partition("=")
+        if name in _RENAMED_FLAGS:
+            out.append(_RENAMED_FLAGS[name] + (eq + val if eq else ""))
+        elif name == "--group_by_length":
+            # --group_by_length [True|False] became --train_sampling_strategy group_by_length
+            nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+            enabled = (val or nxt or "true").lower() in ("true", "1", "yes")
+            if nxt is not None and not eq:
+                i += 1
+            if enabled:
+                out += ["--train_sampling_strategy", "group_by_length"]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _drop_half_precision_on_cpu(argv: list[str]) -> list[str]:
+    """--bf16/--fp16 (as in GPU-oriented run scripts) on a machine without CUDA: train in float32.
+    CPU bf16 matmuls are ~300x slower than fp32 on CPUs without AMX, and TrainingArguments refuses
+    --bf16 on such machines, so a MedicalGPT run script would otherwise not start at all."""
+    if _cuda_available():
+        return argv
+    out, i, dropped = [], 0, []
+    while i < len(argv):
+        name = argv[i].partition("=")[0]
+        if name in ("--bf16", "--fp16", "--bf16_full_eval", "--fp16_full_eval"):
+            dropped.append(name)
+            if "=" not in argv[i] and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false", "1", "0"):
+                i += 1
+            i += 1
+            continue
+        out.append(argv[i])
+        i += 1
+    if dropped:
+        logger.warning("No CUDA device: ignoring %s and training in float32 (half precision is very slow on CPU).",
+                       " ".join(dropped))
+    return out
+
+
+def parse_args(*dataclass_types, argv: list[str] | None = None):
+    """Parse the command line (and an optional --config YAML/JSON, or a single .yaml/.json argument)
+    into the given dataclasses plus CompatArguments, which is always returned last."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = ["--config", argv[0]]
+    config_path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+    if config_path:
+        argv = _config_to_argv(config_path) + argv  # the command line comes last, so it wins
+    argv = _drop_half_precision_on_cpu(_translate_legacy(argv))
+    parser = HfArgumentParser(tuple(dataclass_types) + (CompatArguments,))
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # TrainingArguments.__post_init__ and friends: one line, no traceback
+        parser.error(str(e).strip().splitlines()[0])

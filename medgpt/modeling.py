@@ -1,0 +1,188 @@
+"""Tokenizer, model and LoRA/QLoRA loading, shared by every stage and by inference."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from .default_model import resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """The load dtype; half precision becomes float32 on a machine without CUDA (CPU bf16 is ~300x slower)."""
+    if name in (None, "auto"):
+        return torch.float32 if not has_cuda() else "auto"
+    dtype = getattr(torch, name)
+    if dtype in (torch.float16, torch.bfloat16) and not has_cuda():
+        logger.warning("No CUDA device: loading in float32 instead of %s.", name)
+        return torch.float32
+    return dtype
+
+
+def load_tokenizer(model_args, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path,
+        cache_dir=model_args.cache_dir,
+        use_fast=model_args.use_fast_tokenizer,
+        trust_remote_code=model_args.trust_remote_code,
+        revision=model_args.model_revision,
+        token=model_args.hf_hub_token,
+    )
+    if tokenizer.eos_token_id is None:
+        tokenizer.eos_token = tokenizer.pad_token or "</s>"
+    if tokenizer.pad_token_id is None:
+        # Padding never reaches the loss (labels are -100 there), so eos/unk is a safe pad.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        logger.info("Tokenizer has no pad token; using %r", tokenizer.pad_token)
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def distributed_rank() -> Optional[int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    return None
+
+
+def quantization_config(model_args, compute_dtype=None):
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise SystemExit("error: choose one of --load_in_4bit and --load_in_8bit")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: --load_in_4bit/--load_in_8bit need bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.float32,
+    )
+
+
+def load_model(model_args, model_class=None, **extra):
+    """Load a causal LM (or `model_class`, e.g. AutoModelForSequenceClassification) with the dtype,
+    quantization, attention and RoPE options of `model_args`. No --model_name_or_path: the embedded default."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    path = resolve_model_path(model_args.model_name_or_path)
+    dtype = resolve_dtype(model_args.torch_dtype)
+    config = AutoConfig.from_pretrained(path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                                        trust_remote_code=model_args.trust_remote_code, token=model_args.hf_hub_token)
+    kwargs = dict(extra)
+    if model_args.rope_scaling:
+        _set_rope_scaling(config, model_args.rope_scaling)
+    if model_args.flash_attn:
+        try:
+            import flash_attn  # noqa: F401
+            if not has_cuda():
+                raise ImportError("no CUDA device")
+            kwargs["attn_implementation"] = "flash_attention_2"
+        except ImportError as e:
+            logger.warning("--flash_attn: FlashAttention-2 unavailable (%s); using sdpa attention.", e)
+    if model_args.shift_attn:
+        logger.warning("--shift_attn (LongLoRA S2-Attn) is not supported; training with full attention.")
+    qconfig = quantization_config(model_args, dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    rank = distributed_rank()
+    if rank is not None:
+        kwargs["device_map"] = {"": rank if has_cuda() else "cpu"}
+    elif qconfig is not None:
+        kwargs["device_map"] = "auto" if has_cuda() else "cpu"
+    elif has_cuda() and model_args.device_map not in (None, "", "none", "None"):
+        kwargs["device_map"] = model_args.device_map
+    model = model_class.from_pretrained(
+        path, config=config, dtype=dtype, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code, token=model_args.hf_hub_token, **kwargs)
+    return model
+
+
+def _set_rope_scaling(config, kind: str):
+    # Scale by how much longer the training context is than the model's native one, as MedicalGPT does.
+    native = getattr(config, "max_position_embeddings", None)
+    factor = float(os.environ.get("MEDGPT_ROPE_FACTOR", "2.0"))
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.update({"rope_type": kind, "factor": factor})
+    if hasattr(config, "rope_parameters"):
+        config.rope_parameters = params
+    else:
+        config.rope_scaling = {"type": kind, "factor": factor}
+    logger.info("RoPE scaling: %s, factor %.1f (native context %s)", kind, factor, native)
+
+
+def find_all_linear_names(model) -> list[str]:
+    """Names (last component) of every linear layer except the output head, incl. bitsandbytes layers."""
+    linear_types = [torch.nn.Linear]
+    try:
+        import bitsandbytes as bnb
+        linear_types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    except ImportError:
+        pass
+    head_names = {"lm_head", "score", "output_layer", "embed_out", "classifier", "v_head"}
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, tuple(linear_types)):
+            last = name.split(".")[-1]
+            if last not in head_names:
+                names.add(last)
+    return sorted(names)
+
+
+def apply_lora(model, lora_args, training_args=None, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` in a LoRA adapter (new, or --peft_path to continue one); QLoRA prepares k-bit models.
+    With --use_peft False the model is returned for full-parameter training."""
+    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if not lora_args.use_peft:
+        if quantized:
+            raise SystemExit("error: a 4/8-bit model cannot be trained in full; add --use_peft True (QLoRA)")
+        return model
+    gc = bool(training_args is not None and training_args.gradient_checkpointing)
+    if quantized or lora_args.qlora:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc:
+        model.enable_input_require_grads()
+    if lora_args.peft_path:
+        logger.info("Continuing LoRA adapter %s", lora_args.peft_path)
+        model = PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
+    else:
+        targets = lora_args.target_modules or "all"
+        if targets.strip().lower() == "all":
+            target_modules = find_all_linear_names(model)
+        else:
+            target_modules = [t.strip() for t in targets.split(",") if t.strip()]
+        modules_to_save = [m.strip() for m in lora_args.modules_to_save.split(",")] if lora_args.modules_to_save else None
+        config = LoraConfig(
+            task_type=task_type, r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
+            lora_dropout=lora_args.lora_dropout, target_modules=target_modules, modules_to_save=modules_to_save,
+        )
+        logger.info("LoRA on %s (r=%d, alpha=%s)", ",".join(target_modules), lora_args.lora_rank, lora_args.lora_alpha)
+        try:
+            from peft import get_peft_model
+            model = get_peft_model(model, config)
+        except ValueError as e:  # e.g. a --target_modules name the model does not have
+            raise SystemExit(f"error: --target_modules {targets}: {str(e).splitlines()[0]}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+    return model
