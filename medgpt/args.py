@@ -95,6 +95,20 @@ class SFTArguments:
 
 
 @dataclass
+class PretrainArguments:
+    block_size: Optional[int] = field(
+        default=1024, metadata={"help": "Tokens per training block; documents are joined (an eos after each) and cut "
+                                        "into blocks of exactly this size. At most the tokenizer's model_max_length."})
+    packing: bool = field(
+        default=True, metadata={"help": "Join documents into full blocks (False: one document per sample, cut at "
+                                        "block_size, padding kept out of the loss)."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Read and tokenize the training data lazily while training (needs --max_steps)."})
+    keep_linebreaks: bool = field(
+        default=True, metadata={"help": "Keep the line break at the end of each .txt line (one document a line)."})
+
+
+@dataclass
 class CompatArguments:
     """Flags MedicalGPT's scripts pass that are no longer TrainingArguments fields in transformers 5."""
     config: Optional[str] = field(default=None, metadata={"help": "A YAML or JSON file of flags; flags on the command line win."})

@@ -47,8 +47,23 @@ def _json_error(path: str, line: int, e: json.JSONDecodeError) -> DataError:
 
 def iter_records(path: str, bad_lines: Optional[list] = None) -> Iterator[Record]:
     """Yield the records of a .jsonl (one JSON object a line) or .json file (an array of objects, or
-    JSON lines under a .json name, as datasets accepts). A malformed JSON line raises DataError, or,
-    when `bad_lines` is a list, is appended to it and skipped."""
+    JSON lines under a .json name, as datasets accepts), or the lines of a .txt file. A malformed JSON
+    (or non-UTF-8 text) line raises DataError, or, when `bad_lines` is a list, is appended to it and skipped."""
+    if path.endswith(".txt"):  # plain text: each line (a str, with its line break) is a record
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    err = DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1})")
+                    if bad_lines is None:
+                        raise err from None
+                    bad_lines.append(str(err))
+                    continue
+                if lineno == 1:
+                    line = line.lstrip("\ufeff")  # a UTF-8 byte-order mark is not text
+                yield Record(line[:-2] + "\n" if line.endswith("\r\n") else line, f"{path}:{lineno}")
+        return
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".json"):
