@@ -109,6 +109,25 @@ class PretrainArguments:
 
 
 @dataclass
+class PreferenceArguments:
+    """Reward modeling, DPO and ORPO (the trainer config's own --max_length caps prompt + reply tokens)."""
+    template_name: str = field(
+        default="chatml", metadata={"help": "Chat template of the prompt (see template.py); the embedded SmolLM2 default uses chatml."})
+    max_prompt_length: Optional[int] = field(
+        default=None, metadata={"help": "Maximum prompt tokens; longer prompts lose their oldest turns, then the end of the "
+                                        "question (default: --max_source_length, else half of --max_length)."})
+    max_source_length: Optional[int] = field(
+        default=None, metadata={"help": "MedicalGPT name of --max_prompt_length."})
+    max_target_length: Optional[int] = field(
+        default=None, metadata={"help": "MedicalGPT: maximum reply tokens; with it, --max_length defaults to prompt + "
+                                        "reply (an explicit --max_length wins)."})
+    orpo_beta: Optional[float] = field(
+        default=None, metadata={"help": "ORPO only: weight of the odds-ratio term (lambda in the paper); sets --beta."})
+    tool_format: Optional[str] = field(
+        default=None, metadata={"help": "Accepted for MedicalGPT compatibility; preference records carry no tools."})
+
+
+@dataclass
 class CompatArguments:
     """Flags MedicalGPT's scripts pass that are no longer TrainingArguments fields in transformers 5."""
     config: Optional[str] = field(default=None, metadata={"help": "A YAML or JSON file of flags; flags on the command line win."})
@@ -202,6 +221,18 @@ def _drop_half_precision_on_cpu(argv: list[str]) -> list[str]:
     return out
 
 
+def _cpu_precision_defaults(dataclass_types) -> list[str]:
+    """TRL's configs (DPOConfig, RewardConfig, ...) default --bf16 to True, which TrainingArguments refuses on a
+    machine without CUDA (and CPU bf16 is ~300x slower): there, default it to False (float32)."""
+    if _cuda_available():
+        return []
+    for t in dataclass_types:
+        f = getattr(t, "__dataclass_fields__", {}).get("bf16")
+        if f is not None and f.default is None:
+            return ["--bf16", "False"]
+    return []
+
+
 def parse_args(*dataclass_types, argv: list[str] | None = None):
     """Parse the command line (and an optional --config YAML/JSON, or a single .yaml/.json argument)
     into the given dataclasses plus CompatArguments, which is always returned last."""
@@ -217,7 +248,7 @@ def parse_args(*dataclass_types, argv: list[str] | None = None):
             config_path = arg.split("=", 1)[1]
     if config_path:
         argv = _config_to_argv(config_path) + argv  # the command line comes last, so it wins
-    argv = _drop_half_precision_on_cpu(_translate_legacy(argv))
+    argv = _cpu_precision_defaults(dataclass_types) + _drop_half_precision_on_cpu(_translate_legacy(argv))
     parser = HfArgumentParser(tuple(dataclass_types) + (CompatArguments,))
     try:
         return parser.parse_args_into_dataclasses(args=argv)
