@@ -19,7 +19,9 @@ def prepare_run(training_args, compat=None):
 
     log_level = training_args.get_process_log_level()
     transformers.utils.logging.set_verbosity(log_level)
-    logging.getLogger("medgpt").setLevel(log_level)
+    # our own progress messages show at INFO unless --log_level asks otherwise (on the main process)
+    passive = training_args.log_level == "passive" and training_args.process_index == 0
+    logging.getLogger("medgpt").setLevel(logging.INFO if passive else log_level)
     set_seed(training_args.seed)
 
     report_to = training_args.report_to or []

@@ -15,9 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: uses the real SmolLM2 model or runs long (deselect with -m 'not slow')")
-
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> str:
@@ -60,3 +57,10 @@ def run_script(script: str, *args: str, timeout: int = 600, check: bool = True, 
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def learnable_model_dir(tmp_path_factory, smol_tokenizer) -> str:
+    """A tiny model whose weights are large enough (init std 0.2) for LoRA alone to move the loss a lot:
+    with the default 0.02 init the frozen, tied output embeddings cap the logits near uniform."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-learnable"), smol_tokenizer, initializer_range=0.2)
