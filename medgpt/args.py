@@ -233,6 +233,48 @@ def _cpu_precision_defaults(dataclass_types) -> list[str]:
     return []
 
 
+def _without_shared_fields(dataclass_types):
+    """HfArgumentParser rejects a flag declared by two dataclasses, e.g. --trust_remote_code in ModelArguments and in
+    TRL's configs (DPOConfig, RewardConfig, ...). The last dataclass declaring a name parses it; earlier ones are
+    parsed through copies without that field. Returns (types to parse, {index: {name: owner index}})."""
+    import dataclasses
+    import typing
+
+    owner = {}
+    for i, t in enumerate(dataclass_types):
+        for f in dataclasses.fields(t):
+            owner[f.name] = i
+    parse_types, shared = [], {}
+    for i, t in enumerate(dataclass_types):
+        names = {f.name: owner[f.name] for f in dataclasses.fields(t) if owner[f.name] != i}
+        if names:
+            hints = typing.get_type_hints(t)
+            kept = []
+            for f in dataclasses.fields(t):
+                if f.name in names:
+                    continue
+                kw = {"default": f.default} if f.default is not dataclasses.MISSING else {}
+                if f.default_factory is not dataclasses.MISSING:
+                    kw = {"default_factory": f.default_factory}
+                kept.append((f.name, hints[f.name], field(metadata=f.metadata, **kw)))
+            t = dataclasses.make_dataclass(t.__name__, kept)
+            shared[i] = names
+        parse_types.append(t)
+    return tuple(parse_types), shared
+
+
+def _restore_shared_fields(dataclass_types, parsed, shared):
+    """Rebuild the dataclasses parsed without their shared fields, with the value the owner parsed."""
+    import dataclasses
+
+    out = list(parsed)
+    for i, names in shared.items():
+        values = {f.name: getattr(parsed[i], f.name) for f in dataclasses.fields(parsed[i])}
+        values.update({name: getattr(parsed[j], name) for name, j in names.items()})
+        out[i] = dataclass_types[i](**values)
+    return tuple(out)
+
+
 def parse_args(*dataclass_types, argv: list[str] | None = None):
     """Parse the command line (and an optional --config YAML/JSON, or a single .yaml/.json argument)
     into the given dataclasses plus CompatArguments, which is always returned last."""
@@ -249,8 +291,10 @@ def parse_args(*dataclass_types, argv: list[str] | None = None):
     if config_path:
         argv = _config_to_argv(config_path) + argv  # the command line comes last, so it wins
     argv = _cpu_precision_defaults(dataclass_types) + _drop_half_precision_on_cpu(_translate_legacy(argv))
-    parser = HfArgumentParser(tuple(dataclass_types) + (CompatArguments,))
+    dataclass_types = tuple(dataclass_types) + (CompatArguments,)
+    parse_types, shared = _without_shared_fields(dataclass_types)
+    parser = HfArgumentParser(parse_types)
     try:
-        return parser.parse_args_into_dataclasses(args=argv)
+        return _restore_shared_fields(dataclass_types, parser.parse_args_into_dataclasses(args=argv), shared)
     except ValueError as e:  # TrainingArguments.__post_init__ and friends: one line, no traceback
         parser.error(str(e).strip().splitlines()[0])
