@@ -1,0 +1,512 @@
+"""PPO for language models (RLHF stage 3), written here because TRL removed its PPOTrainer
+(`trl.experimental.ppo` exists up to trl 1.12 and is gone from 1.13; we stay on trl 1.16).
+
+One rollout batch = `batch_size` prompts:
+  1. the policy samples a response to each prompt;
+  2. the reward function (a reward model, or any callable) scores each (prompt, response);
+  3. a forward pass gives the policy's log-probs and values and the reference's log-probs;
+     the per-token reward is -kl_coef * (logp - ref_logp), plus the score on the last response token;
+  4. GAE turns rewards and values into advantages and returns;
+  5. `num_ppo_epochs` passes over `mini_batch_size` minibatches minimise the clipped policy loss plus
+     vf_coef * the clipped value loss (micro-batches of --per_device_train_batch_size accumulate gradients).
+
+The value function is a linear head on the policy's last hidden state (no second model), and the
+reference is the policy with its adapter switched off or swapped for a frozen copy of the starting
+adapter, so LoRA PPO holds one copy of the base weights. Design after torchtune's
+recipes/ppo_full_finetune_single_device.py and the PPO-for-LM recipe of Ziegler et al. / Huang et al.
+("The N+ implementation details of RLHF with PPO").
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+REF_ADAPTER = "ref"
+VALUE_HEAD_FILE = "value_head.safetensors"
+LOG_FILE = "ppo_log.jsonl"
+
+RewardFn = Callable[[list, list], "torch.Tensor | list[float]"]  # (prompt messages, response texts) -> scores
+
+
+@dataclass
+class PPOArguments:
+    sft_model_path: Optional[str] = field(
+        default=None, metadata={"help": "The SFT output to start from: a LoRA adapter folder (its base is --model_name_or_path "
+                                        "or the adapter's own base) or a full/merged model folder. Default: --model_name_or_path."})
+    reward_model_path: Optional[str] = field(
+        default=None, metadata={"help": "The reward model: reward_modeling.py's output (LoRA adapter with a score head, or a "
+                                        "merged/full sequence-classification model).",
+                                "aliases": ["--reward_model_name_or_path"]})
+    reward_base_model: Optional[str] = field(
+        default=None, metadata={"help": "Base model of a LoRA reward adapter (default: the one recorded in the adapter)."})
+    template_name: Optional[str] = field(
+        default=None, metadata={"help": "Chat template of the prompts (default: the one the SFT model was trained with, "
+                                        "else chatml for the embedded model, else vicuna)."})
+    system_prompt: Optional[str] = field(
+        default=None, metadata={"help": "System prompt for records without one (default: the template's)."})
+    max_source_length: int = field(default=256, metadata={"help": "Longest prompt in tokens; longer prompts are skipped (counted in the log)."})
+    response_length: int = field(
+        default=128, metadata={"help": "Most tokens generated per response.",
+                               "aliases": ["--max_target_length", "--max_completion_length"]})
+    total_episodes: Optional[int] = field(
+        default=None, metadata={"help": "Responses to generate in all (default: --num_train_epochs x the number of prompts)."})
+    batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Prompts per rollout (one PPO step). Default: --per_device_train_batch_size x "
+                                        "--gradient_accumulation_steps."})
+    mini_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Samples per optimizer step inside a rollout (default: --batch_size)."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Optimisation passes over each rollout."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Per-token KL penalty to the reference model.",
+                                                   "aliases": ["--init_kl_coef"]})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO clip range of the policy ratio."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value update."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Normalise the per-token rewards of each rollout."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the rollouts."})
+    missing_eos_penalty: Optional[float] = field(
+        default=None, metadata={"help": "Subtracted from the score of a response that does not end within --response_length."})
+    reward_baseline: float = field(default=0.0, metadata={"help": "Subtracted from every reward-model score."})
+    early_stopping: bool = field(
+        default=False, metadata={"help": "Stop optimising a rollout once the approximate KL to the rollout policy exceeds "
+                                         "1.5 x --target_kl."})
+    target_kl: float = field(default=0.1, metadata={"help": "KL threshold of --early_stopping."})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small tensor helpers
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over the response tokens; positions past a response's end
+    (mask 0) carry no reward or value. Returns (advantages, returns)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout would make the log-probs of the same tokens differ between rollout and update."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def stop_token_ids(tokenizer, template) -> list[int]:
+    """eos plus the template's end-of-turn token when that is a single token (e.g. <|im_end|>)."""
+    ids = {tokenizer.eos_token_id}
+    if template is not None and template.stop_str:
+        enc = tokenizer.encode(template.stop_str, add_special_tokens=False)
+        if len(enc) == 1:
+            ids.add(enc[0])
+    return sorted(i for i in ids if i is not None)
+
+
+class ValueHead(torch.nn.Module):
+    """V(state) from the policy's last hidden state; float32 whatever the policy's dtype."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.summary.weight)
+        torch.nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.float()).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference model
+
+class Reference:
+    """Log-probs of the frozen starting policy, without a second copy of the base weights under LoRA.
+
+    mode "disable": a new LoRA adapter on the SFT model; the reference is the model with it switched off.
+    mode "adapter": the policy continues a trained adapter (the SFT LoRA); a frozen copy of it, loaded
+                    as adapter "ref", is swapped in for the reference pass.
+    mode "model":   full-parameter training; the reference is a frozen copy of the starting model.
+    """
+
+    def __init__(self, policy, mode: str, adapter_path: Optional[str] = None):
+        self.policy, self.mode, self.model = policy, mode, None
+        if mode == "adapter":
+            policy.load_adapter(adapter_path, adapter_name=REF_ADAPTER, is_trainable=False)
+            policy.set_adapter("default")  # keeps "default" trainable, "ref" frozen
+        elif mode == "model":
+            self.model = copy.deepcopy(policy).eval()
+            self.model.requires_grad_(False)
+        elif mode != "disable":
+            raise ValueError(f"unknown reference mode {mode!r}")
+
+    @contextlib.contextmanager
+    def active(self):
+        """Within the block, `self.forward_model` computes the reference."""
+        if self.mode == "disable":
+            with self.policy.disable_adapter():
+                yield self.policy
+        elif self.mode == "adapter":
+            self.policy.set_adapter(REF_ADAPTER)
+            try:
+                yield self.policy
+            finally:
+                self.policy.set_adapter("default")
+        else:
+            yield self.model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompt batches
+
+def iterate_batches(prompts: list[dict], batch_size: int, num_batches: int, seed: int):
+    """`num_batches` batches drawn from the prompts in a fresh shuffled order each epoch."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(num_batches):
+        batch = []
+        while len(batch) < batch_size:
+            if not order:
+                order = list(range(len(prompts)))
+                rng.shuffle(order)
+            batch.append(prompts[order.pop()])
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------------
+
+class PPOTrainer:
+    """The PPO loop. `prompts`: dicts with "input_ids" (the rendered prompt's tokens) and "messages"
+    (passed to `reward_fn` together with the decoded responses)."""
+
+    def __init__(self, policy, tokenizer, reward_fn: RewardFn, args: PPOArguments, training_args,
+                 reference: Reference, stop_ids: list[int], run_info: Optional[dict] = None):
+        self.policy, self.tokenizer, self.reward_fn = policy, tokenizer, reward_fn
+        self.args, self.targs, self.reference = args, training_args, reference
+        self.stop_ids = stop_ids
+        self.run_info = run_info or {}
+        self.output_dir = training_args.output_dir
+        self.device = next(policy.parameters()).device
+        disable_dropout(policy)
+        hidden = policy.config.get_text_config().hidden_size
+        self.value_head = ValueHead(hidden).to(policy.get_output_embeddings().weight.device)
+        self.batch_size = args.batch_size or training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+        self.mini_batch_size = min(args.mini_batch_size or self.batch_size, self.batch_size)
+        self.micro_batch_size = max(1, min(training_args.per_device_train_batch_size, self.mini_batch_size))
+        params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=training_args.learning_rate, weight_decay=training_args.weight_decay,
+                                           betas=(training_args.adam_beta1, training_args.adam_beta2),
+                                           eps=training_args.adam_epsilon)
+        self.kl_coef = args.kl_coef
+        self.log_history: list[dict] = []
+        self.global_step = 0
+        self.episode = 0
+
+    # ---------------------------------------------------------------- forward passes
+    def _forward(self, model, input_ids, attention_mask, response_len: int, with_values: bool):
+        """Temperature-scaled logits of the response positions ([B, R, V]) and, optionally, their values."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    output_hidden_states=with_values, logits_to_keep=response_len + 1, use_cache=False)
+        logits = out.logits[:, :-1].float() / (self.args.temperature + 1e-7)
+        values = None
+        if with_values:
+            values = self.value_head(out.hidden_states[-1][:, -(response_len + 1):-1])
+        return logits, values
+
+    @staticmethod
+    def _logprobs(logits, tokens):
+        return torch.gather(F.log_softmax(logits, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+    # ---------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def rollout(self, batch: list[dict]) -> dict:
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id
+        prompt_len = max(len(p["input_ids"]) for p in batch)
+        prompt_ids = torch.full((len(batch), prompt_len), pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros_like(prompt_ids)
+        for i, p in enumerate(batch):  # left padding: every response starts at the same column
+            n = len(p["input_ids"])
+            prompt_ids[i, prompt_len - n:] = torch.tensor(p["input_ids"])
+            prompt_mask[i, prompt_len - n:] = 1
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+
+        self.policy.eval()
+        sequences = self.policy.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.args.response_length,
+            do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
+            eos_token_id=self.stop_ids, pad_token_id=pad_id)
+        responses = sequences[:, prompt_len:]
+        # a response ends at its first stop token (kept: the model learns to stop); later tokens are padding
+        is_stop = torch.isin(responses, torch.tensor(self.stop_ids, device=responses.device))
+        after_stop = (is_stop.cumsum(-1) - is_stop.long()) > 0
+        mask = (~after_stop).long()
+        responses = responses.masked_fill(after_stop, pad_id)
+        ended = is_stop.any(-1)
+        lengths = mask.sum(-1)
+        attention_mask = torch.cat([prompt_mask, mask], dim=1)
+        input_ids = torch.cat([prompt_ids, responses], dim=1)
+        R = responses.shape[1]
+
+        logprobs, ref_logprobs, values = [], [], []
+        for s in range(0, len(batch), self.micro_batch_size):
+            sl = slice(s, s + self.micro_batch_size)
+            logits, v = self._forward(self.policy, input_ids[sl], attention_mask[sl], R, with_values=True)
+            logprobs.append(self._logprobs(logits, responses[sl]))
+            values.append(v)
+            with self.reference.active() as ref:
+                ref_logits, _ = self._forward(ref, input_ids[sl], attention_mask[sl], R, with_values=False)
+            ref_logprobs.append(self._logprobs(ref_logits, responses[sl]))
+        logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+
+        texts = []
+        for row, n, end in zip(responses, lengths.tolist(), ended.tolist()):
+            texts.append(tok.decode(row[: n - 1 if end else n], skip_special_tokens=True))
+        scores = self.reward_fn([p["messages"] for p in batch], texts)
+        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(self.device)
+        raw_scores = scores.clone()
+        scores = scores - self.args.reward_baseline
+        if self.args.missing_eos_penalty is not None:
+            scores = scores - self.args.missing_eos_penalty * (~ended).float()
+
+        maskf = mask.float()
+        kl = (logprobs - ref_logprobs) * maskf
+        rewards = -self.kl_coef * kl
+        last = (lengths - 1).clamp(min=0)
+        rewards[torch.arange(len(batch), device=rewards.device), last] += scores
+        if self.args.whiten_rewards:
+            rewards = masked_whiten(rewards, maskf, shift_mean=False)
+        advantages, returns = gae(rewards, values, maskf, self.args.gamma, self.args.lam)
+        advantages = masked_whiten(advantages, maskf)
+        return dict(input_ids=input_ids, attention_mask=attention_mask, responses=responses, mask=maskf,
+                    logprobs=logprobs, values=values * maskf, advantages=advantages, returns=returns,
+                    scores=raw_scores, kl=kl.sum(-1), non_score=(-self.kl_coef * kl).sum(-1),
+                    lengths=lengths.float(), texts=texts)
+
+    # ---------------------------------------------------------------- optimisation
+    def _losses(self, data: dict, idx: torch.Tensor):
+        a = self.args
+        R = data["responses"].shape[1]
+        logits, vpred = self._forward(self.policy, data["input_ids"][idx], data["attention_mask"][idx], R, with_values=True)
+        mask = data["mask"][idx]
+        new_logprobs = self._logprobs(logits, data["responses"][idx])
+        old_logprobs, old_values = data["logprobs"][idx], data["values"][idx]
+        adv, ret = data["advantages"][idx], data["returns"][idx]
+
+        log_ratio = new_logprobs - old_logprobs
+        ratio = torch.exp(log_ratio)
+        pg_loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.cliprange, 1 + a.cliprange)), mask)
+        vclipped = old_values + (vpred - old_values).clamp(-a.cliprange_value, a.cliprange_value)
+        vf_loss = 0.5 * masked_mean(torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2), mask)
+        with torch.no_grad():
+            stats = dict(
+                policy_loss=pg_loss.item(), value_loss=vf_loss.item(),
+                entropy=masked_mean(entropy_from_logits(logits), mask).item(),
+                approx_kl=masked_mean(0.5 * log_ratio ** 2, mask).item(),
+                clipfrac=masked_mean(((ratio - 1).abs() > a.cliprange).float(), mask).item(),
+                ratio=masked_mean(ratio, mask).item())
+        return pg_loss + a.vf_coef * vf_loss, stats
+
+    def optimise(self, data: dict, scheduler=None) -> dict:
+        self.policy.train()
+        n = data["responses"].shape[0]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        totals: dict[str, float] = {}
+        count = 0
+        stop = False
+        for _ in range(self.args.num_ppo_epochs):
+            order = torch.randperm(n, device=self.device)
+            for s in range(0, n, self.mini_batch_size):
+                mb = order[s:s + self.mini_batch_size]
+                self.optimizer.zero_grad(set_to_none=True)
+                mb_stats: dict[str, float] = {}
+                for m in range(0, len(mb), self.micro_batch_size):
+                    micro = mb[m:m + self.micro_batch_size]
+                    loss, stats = self._losses(data, micro)
+                    (loss * len(micro) / len(mb)).backward()
+                    for k, v in stats.items():
+                        mb_stats[k] = mb_stats.get(k, 0.0) + v * len(micro) / len(mb)
+                if self.targs.max_grad_norm and self.targs.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, self.targs.max_grad_norm)
+                self.optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                for k, v in mb_stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                count += 1
+                if self.args.early_stopping and mb_stats["approx_kl"] > 1.5 * self.args.target_kl:
+                    stop = True
+                    break
+            if stop:
+                logger.info("Early stop at step %d: approx KL %.4f > 1.5 x target_kl %.4f",
+                            self.global_step + 1, mb_stats["approx_kl"], self.args.target_kl)
+                break
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: v / max(count, 1) for k, v in totals.items()}
+
+    # ---------------------------------------------------------------- the loop
+    def plan(self, num_prompts: int) -> tuple[int, int]:
+        """(total episodes, PPO steps) for a prompt set of this size."""
+        total = self.args.total_episodes or int(math.ceil(self.targs.num_train_epochs * num_prompts))
+        steps = max(1, math.ceil(total / self.batch_size))
+        if self.targs.max_steps and self.targs.max_steps > 0:
+            steps = min(steps, self.targs.max_steps)
+        return total, steps
+
+    def train(self, prompts: list[dict]) -> dict:
+        from transformers import get_scheduler
+
+        total, steps = self.plan(len(prompts))
+        updates_per_step = self.args.num_ppo_epochs * math.ceil(self.batch_size / self.mini_batch_size)
+        scheduler = get_scheduler(self.targs.lr_scheduler_type, self.optimizer,
+                                  num_warmup_steps=self.targs.get_warmup_steps(steps * updates_per_step),
+                                  num_training_steps=steps * updates_per_step)
+        os.makedirs(self.output_dir, exist_ok=True)
+        log_path = os.path.join(self.output_dir, LOG_FILE)
+        open(log_path, "w").close()
+        writer = self._tensorboard()
+        logger.info("PPO: %d prompts, %d episodes -> %d steps of %d rollouts (minibatch %d, micro-batch %d, %d epochs each)",
+                    len(prompts), total, steps, self.batch_size, self.mini_batch_size, self.micro_batch_size,
+                    self.args.num_ppo_epochs)
+        start = time.time()
+        interrupted = False
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a killed job saves too
+        try:
+            for batch in iterate_batches(prompts, self.batch_size, steps, self.targs.seed):
+                data = self.rollout(batch)
+                stats = self.optimise(data, scheduler)
+                self.global_step += 1
+                self.episode += len(batch)
+                record = self._record(data, stats, scheduler, start, len(prompts))
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                if writer is not None:
+                    for k, v in record.items():
+                        if isinstance(v, (int, float)) and k not in ("step",):
+                            writer.add_scalar(f"train/{k}", v, self.global_step)
+                if self.global_step % max(1, int(self.targs.logging_steps or 1)) == 0 or self.global_step in (1, steps):
+                    logger.info("step %d/%d  reward %.4f  kl %.4f  policy_loss %.4f  value_loss %.4f  entropy %.3f  len %.1f",
+                                self.global_step, steps, record["reward"], record["kl"], record["policy_loss"],
+                                record["value_loss"], record["entropy"], record["response_length"])
+                    logger.info("  sample: %r", data["texts"][0][:200])
+                if self._should_save() and self.global_step % int(self.targs.save_steps) == 0 and self.global_step < steps:
+                    self.save(os.path.join(self.output_dir, f"checkpoint-{self.global_step}"))
+        except KeyboardInterrupt:
+            interrupted = True
+            logger.warning("Interrupted at step %d: saving the policy to %s", self.global_step, self.output_dir)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if writer is not None:
+                writer.close()
+        runtime = time.time() - start
+        metrics = {"train_runtime": round(runtime, 2), "episodes": self.episode, "steps": self.global_step,
+                   "train_samples_per_second": round(self.episode / max(runtime, 1e-9), 3)}
+        if self.log_history:
+            metrics["reward_first"] = self.log_history[0]["reward"]
+            metrics["reward_last"] = self.log_history[-1]["reward"]
+        self.save(self.output_dir, metrics=metrics, max_steps=steps)
+        if interrupted:
+            raise KeyboardInterrupt
+        return metrics
+
+    def _record(self, data, stats, scheduler, start, num_prompts) -> dict:
+        record = {
+            "step": self.global_step,
+            "episode": self.episode,
+            "epoch": round(self.episode / max(num_prompts, 1), 4),
+            "reward": data["scores"].mean().item(),
+            "reward_std": data["scores"].std().item() if len(data["scores"]) > 1 else 0.0,
+            "kl": data["kl"].mean().item(),
+            "non_score_reward": data["non_score"].mean().item(),
+            "response_length": data["lengths"].mean().item(),
+            **stats,
+            "learning_rate": scheduler.get_last_lr()[0] if scheduler is not None else self.targs.learning_rate,
+            "elapsed_s": round(time.time() - start, 2),
+        }
+        self.log_history.append(record)
+        return record
+
+    def _should_save(self) -> bool:
+        strategy = str(getattr(self.targs.save_strategy, "value", self.targs.save_strategy))
+        return strategy == "steps" and bool(self.targs.save_steps) and self.targs.save_steps >= 1
+
+    def _tensorboard(self):
+        report_to = self.targs.report_to or []
+        if isinstance(report_to, str):
+            report_to = [report_to]
+        if "tensorboard" not in report_to:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.warning("--report_to tensorboard: tensorboard is not installed, not reporting there")
+            return None
+        return SummaryWriter(self.targs.logging_dir or os.path.join(self.output_dir, "runs"))
+
+    # ---------------------------------------------------------------- saving
+    def save(self, path: str, metrics: Optional[dict] = None, max_steps: Optional[int] = None) -> None:
+        """The policy (adapter or full model), tokenizer, value head, run info and trainer_state.json, so
+        `inference.py --lora_model PATH` (adapter) or `--base_model PATH` (full model) loads it."""
+        from safetensors.torch import save_file
+
+        from .generation import write_run_info
+
+        os.makedirs(path, exist_ok=True)
+        model = self.policy
+        model.config.use_cache = True
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(path, selected_adapters=["default"])
+        else:
+            model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                  os.path.join(path, VALUE_HEAD_FILE))
+        write_run_info(path, stage="ppo", **self.run_info)
+        state = {"global_step": self.global_step, "max_steps": max_steps, "episode": self.episode,
+                 "log_history": self.log_history}
+        with open(os.path.join(path, "trainer_state.json"), "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2)
+        if metrics is not None:
+            for name in ("train_results.json", "all_results.json"):
+                with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+                    json.dump(metrics, f, indent=2)
+        logger.info("Saved the PPO policy to %s", path)
