@@ -76,9 +76,10 @@ def quantization_config(model_args, compute_dtype=None):
     )
 
 
-def load_model(model_args, model_class=None, **extra):
+def load_model(model_args, model_class=None, config_overrides: Optional[dict] = None, **extra):
     """Load a causal LM (or `model_class`, e.g. AutoModelForSequenceClassification) with the dtype,
-    quantization, attention and RoPE options of `model_args`. No --model_name_or_path: the embedded default."""
+    quantization, attention and RoPE options of `model_args`. No --model_name_or_path: the embedded default.
+    `config_overrides` are set on the model config before loading (e.g. {"num_labels": 1})."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
@@ -86,6 +87,8 @@ def load_model(model_args, model_class=None, **extra):
     dtype = resolve_dtype(model_args.torch_dtype)
     config = AutoConfig.from_pretrained(path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
                                         trust_remote_code=model_args.trust_remote_code, token=model_args.hf_hub_token)
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
     kwargs = dict(extra)
     if model_args.rope_scaling:
         _set_rope_scaling(config, model_args.rope_scaling)
