@@ -109,6 +109,7 @@ class ChatModel:
         self.model = model
         self.model_name = os.path.basename(os.path.normpath(lora_model or base_path))
         self._lock = threading.Lock()  # one generate() at a time on a model
+        self._stop_cache: dict = {}  # stop strings -> StopStringCriteria (see _stop_criteria)
 
         # Stop at the template's end-of-turn as well as at eos.
         eos_ids = {self.tokenizer.eos_token_id}
@@ -130,26 +131,78 @@ class ChatModel:
         return self.template.render(messages, system_prompt=system_prompt, add_generation_prompt=True,
                                     eos_token=self.tokenizer.eos_token or "</s>")
 
-    def _clean(self, text: str) -> str:
-        stop = self.template.stop_str
-        if stop and stop in text:
-            text = text[: text.index(stop)]
+    def _stops(self, stop: Optional[list[str]] = None) -> list[str]:
+        """The template's end-of-turn string plus a request's own stop strings."""
+        stops = [self.template.stop_str] if self.template.stop_str else []
+        return stops + [s for s in (stop or []) if s and s not in stops]
+
+    def _clean(self, text: str, stop: Optional[list[str]] = None) -> str:
+        cut = _first_stop(text, self._stops(stop))
+        if cut is not None:
+            text = text[:cut]
         return text.strip()
 
-    def _gen_kwargs(self, options: GenerationOptions) -> dict:
+    def _gen_kwargs(self, options: GenerationOptions, stop: Optional[list[str]] = None) -> dict:
         kw = options.kwargs()
         kw.update(eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        if self.stop_strings:
-            kw.update(stop_strings=self.stop_strings, tokenizer=self.tokenizer)
+        stop_strings = (self.stop_strings or []) + [s for s in (stop or []) if s]
+        if stop_strings:
+            from transformers import StoppingCriteriaList
+            kw.update(stopping_criteria=StoppingCriteriaList([self._stop_criteria(tuple(stop_strings))]))
         return kw
+
+    def _stop_criteria(self, stop_strings: tuple[str, ...]):
+        # generate(stop_strings=...) rebuilds its token tables over the whole vocabulary on every call
+        # (~0.2-1 s here); clients repeat the same stop strings, so keep the last few built.
+        from transformers import StopStringCriteria
+
+        cache = self._stop_cache
+        if stop_strings not in cache:
+            if len(cache) >= 16:
+                cache.pop(next(iter(cache)))
+            cache[stop_strings] = StopStringCriteria(self.tokenizer, list(stop_strings))
+        return cache[stop_strings]
+
+    @property
+    def context_length(self) -> int:
+        """How many tokens (prompt + answer) the model can attend to."""
+        cfg = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(getattr(cfg, name, None), int):
+                return getattr(cfg, name)
+        return 2048
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _generated_length(self, row: list[int]) -> tuple[int, bool]:
+        """(tokens generated in this row, whether it ended with eos / end-of-turn)."""
+        for i, t in enumerate(row):
+            if t in self.eos_token_id:
+                return i + 1, True
+        n = len(row)  # a row stopped early by a stop string is padded up to the batch's longest
+        while n and row[n - 1] == self.tokenizer.pad_token_id:
+            n -= 1
+        return n, False
+
+    def complete(self, prompts: list[str], options: GenerationOptions,
+                 stop: Optional[list[str]] = None) -> list["Completion"]:
+        """Continue each prompt text (batched, left-padded): the new text of each with its token counts."""
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        with self._lock, torch.inference_mode():
+            out = self.model.generate(**enc, **self._gen_kwargs(options, stop))
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        results = []
+        for row, n_prompt in zip(new, enc["attention_mask"].sum(dim=1).tolist()):
+            n, ended = self._generated_length(row)
+            raw = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            stopped = ended or _first_stop(raw, self._stops(stop)) is not None or n < options.max_new_tokens
+            results.append(Completion(self._clean(raw, stop), int(n_prompt), n, "stop" if stopped else "length"))
+        return results
 
     def generate_raw(self, prompts: list[str], options: GenerationOptions) -> list[str]:
         """Continue each prompt text (batched, left-padded); returns the new text of each."""
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        with self._lock, torch.inference_mode():
-            out = self.model.generate(**enc, **self._gen_kwargs(options))
-        new = out[:, enc["input_ids"].shape[1]:]
-        return [self._clean(self.tokenizer.decode(row, skip_special_tokens=True)) for row in new]
+        return [c.text for c in self.complete(prompts, options)]
 
     def chat(self, conversations: list[list[dict]], options: GenerationOptions,
              system_prompt: Optional[str] = None) -> list[str]:
@@ -158,32 +211,119 @@ class ChatModel:
     def stream(self, messages: list[dict], options: GenerationOptions,
                system_prompt: Optional[str] = None, raw_prompt: Optional[str] = None) -> Iterator[str]:
         """Yield the answer piece by piece as it is generated."""
-        from transformers import TextIteratorStreamer
-
         prompt = raw_prompt if raw_prompt is not None else self.build_prompt(messages, system_prompt)
-        enc = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(self.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        kwargs = dict(**enc, **self._gen_kwargs(options), streamer=streamer)
+        yield from self.stream_completion(prompt, options)
+
+    def stream_completion(self, prompt: str, options: GenerationOptions,
+                          stop: Optional[list[str]] = None) -> "CompletionStream":
+        """Like complete() for one prompt, streamed: iterate for text pieces, then read .completion."""
+        return CompletionStream(self, prompt, options, stop)
+
+
+@dataclass
+class Completion:
+    """One generated answer with its token counts (an API's usage figures)."""
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop": eos, end of turn or a stop string; "length": max_new_tokens reached
+
+
+def _first_stop(text: str, stops: list[str]) -> Optional[int]:
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that could still grow into a stop string (not sent yet)."""
+    longest = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
+def _counting_streamer(tokenizer, **kwargs):
+    """A transformers TextIteratorStreamer that also counts the generated tokens (usage figures)."""
+    from transformers import TextIteratorStreamer
+
+    class CountingStreamer(TextIteratorStreamer):
+        n_tokens = 0
+        last_token: Optional[int] = None
+
+        def put(self, value):
+            if not self.next_tokens_are_prompt:  # the first put() is the prompt itself
+                ids = value.reshape(-1).tolist()
+                self.n_tokens += len(ids)
+                self.last_token = ids[-1] if ids else self.last_token
+            super().put(value)
+
+    return CountingStreamer(tokenizer, **kwargs)
+
+
+class CompletionStream:
+    """The pieces of one answer as they are generated. The pieces join to exactly what complete() returns
+    (stripped, cut before the first stop string: a piece that might begin a stop string is held back
+    until it is known not to). After the last piece, .completion holds the text and token counts.
+    Leaving the loop early (break, close(), an error in the consumer) stops generation at the next token."""
+
+    def __init__(self, chat: ChatModel, prompt: str, options: GenerationOptions, stop: Optional[list[str]] = None):
+        self.chat, self.prompt, self.options, self.stop = chat, prompt, options, stop
+        self.completion: Optional[Completion] = None
+
+    def __iter__(self) -> Iterator[str]:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        chat = self.chat
+        cancel = threading.Event()
+
+        class Cancelled(StoppingCriteria):  # generate() has no other way to be stopped from outside
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        enc = chat.tokenizer([self.prompt], return_tensors="pt", add_special_tokens=False).to(chat.device)
+        streamer = _counting_streamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        kwargs = dict(**enc, **chat._gen_kwargs(self.options, self.stop), streamer=streamer)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), Cancelled()])
         error: list[BaseException] = []
 
         def run():
             try:
-                with self._lock, torch.inference_mode():
-                    self.model.generate(**kwargs)
+                with chat._lock, torch.inference_mode():
+                    chat.model.generate(**kwargs)
             except BaseException as e:  # surface it in the consumer thread
                 error.append(e)
                 streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        stop = self.template.stop_str
-        emitted = ""
-        for piece in streamer:
-            emitted += piece
-            if stop and stop in emitted:
-                yield emitted[: emitted.index(stop)][len(emitted) - len(piece):]
-                break
-            yield piece
-        thread.join()
+        stops = chat._stops(self.stop)
+        text, sent, hit = "", None, False  # sent: index in text up to which pieces went out
+        try:
+            for piece in streamer:
+                text += piece
+                cut = _first_stop(text, stops)
+                if cut is not None:
+                    text, hit = text[:cut], True
+                    break
+                if sent is None:  # the answer starts at its first non-blank character
+                    if not text.strip():
+                        continue
+                    sent = len(text) - len(text.lstrip())
+                end = min(len(text.rstrip()), len(text) - _held_back(text, stops))
+                if end > sent:
+                    yield text[sent:end]
+                    sent = end
+        finally:
+            cancel.set()  # no-op if generation already ended; stops it if we left early
+            thread.join()
         if error:
             raise error[0]
+        rest = text.rstrip()[len(text) - len(text.lstrip()) if sent is None else sent:]
+        if rest:
+            yield rest
+        n = streamer.n_tokens
+        ended = hit or streamer.last_token in chat.eos_token_id or n < self.options.max_new_tokens
+        self.completion = Completion(text.strip(), enc["input_ids"].shape[1], n, "stop" if ended else "length")
