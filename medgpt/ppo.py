@@ -141,6 +141,16 @@ def stop_token_ids(tokenizer, template) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def resolve_template_name(explicit: Optional[str], model_name_or_path: Optional[str], *trained_folders) -> str:
+    """--template_name, else the one recorded with the trained weights, else chatml for the embedded model,
+    else vicuna (MedicalGPT's default)."""
+    from .default_model import DEFAULT_TEMPLATE, is_default
+    from .generation import read_run_info
+
+    return explicit or read_run_info(*trained_folders, model_name_or_path).get("template_name") or (
+        DEFAULT_TEMPLATE if is_default(model_name_or_path) else "vicuna")
+
+
 class ValueHead(torch.nn.Module):
     """V(state) from the policy's last hidden state; float32 whatever the policy's dtype."""
 
