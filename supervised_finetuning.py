@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 
-from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments, Trainer
+from transformers import Seq2SeqTrainingArguments
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, SFTArguments, parse_args
 from medgpt.cli import run_main
-from medgpt.data.sft import IGNORE_INDEX, build_sft_datasets
+from medgpt.data.collator import build_collator
+from medgpt.data.sft import build_sft_datasets
+from medgpt.losses import LeanTrainer
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
 from medgpt.templates import get_conv_template
 from medgpt.training import prepare_run, train_and_save
@@ -31,13 +33,17 @@ def main(argv=None):
     model = apply_lora(model, lora_args, training_args)
     if model_args.neft_alpha:
         training_args.neftune_noise_alpha = model_args.neft_alpha
-    trainer = Trainer(
+    # packed padding-free rows (exact) unless --packing False; the loss never builds full-vocabulary logits
+    collator, packed = build_collator(tokenizer, model, sft_args.packing)
+    max_tokens = sft_args.max_packed_tokens if sft_args.max_packed_tokens is not None else sft_args.model_max_length
+    trainer = LeanTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8),
+        data_collator=collator,
+        max_packed_tokens=max_tokens if packed else None,
     )
     train_and_save(trainer, training_args, resume, tokenizer, run_info={"template_name": sft_args.template_name})
 

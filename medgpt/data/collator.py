@@ -1,0 +1,176 @@
+"""Padding-free, exact packing for causal-LM training (SFT, pretraining, and later DPO).
+
+Each batch becomes one row `[1, total_tokens]` with no pad token at all: transformers'
+`DataCollatorWithFlattening` concatenates the samples, restarts `position_ids` at every sample,
+puts -100 on each sample's first label (so no sample learns to predict the next one) and returns
+the sample boundaries `cu_seq_lens_q/k`. Packing is exact only if attention also stays inside each
+sample, and that depends on the attention kernel:
+
+* flash_attention_2/3 (CUDA): the kernels read `cu_seq_lens` natively.
+* sdpa (CPU, or CUDA without flash-attn): transformers has no variable-length sdpa. It turns restarted
+  `position_ids` into a block-diagonal mask only when no KV cache is passed (with the default
+  use_cache=True samples attend to each other: packed logits off by 0.4-0.75), and even then computes
+  attention over the whole row. `varlen_sdpa_attention` below is hand-written for that reason: it runs
+  sdpa once per sample (causal, no mask), so each sample sees exactly what it sees alone, whatever
+  use_cache says, and attention costs sum(len_i^2) instead of (sum len_i)^2.
+* anything else (eager-only models, remote code, ALiBi models without position ids): no packing;
+  batches are padded (`packing_mode` says why).
+
+Samples stay in the batches the sampler made (the same batches as padded training), so a packed
+run takes the same optimizer steps on the same samples as a padded one, up to float error.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .sft import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+VARLEN_SDPA = "medgpt_varlen_sdpa"
+_FLASH = ("flash_attention_2", "flash_attention_3")
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None,
+                          **kwargs):
+    """sdpa attention that, given `cu_seq_lens_q` (a packed row from the flattening collator), attends
+    within each sample only. Without boundaries it is transformers' sdpa attention, unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[2] == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+        raise ValueError("packed attention expects one flattened row and no KV cache (pass use_cache=False)")
+    window = kwargs.pop("sliding_window", None)
+    lengths = torch.diff(cu_seq_lens_q).tolist()
+    outputs = []
+    # split (not one slice per sample): its backward is a single cat, where slices would each
+    # allocate and add a zero gradient of the whole row
+    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
+        n = q.shape[2]
+        mask = None
+        if window and n > window:  # sliding-window layers: key j is visible from i iff i - window < j <= i
+            pos = torch.arange(n, device=q.device)
+            diff = pos[:, None] - pos[None, :]
+            mask = ((diff >= 0) & (diff < window))[None, None]
+        outputs.append(sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0])
+    return torch.cat(outputs, dim=1), None
+
+
+def register_varlen_sdpa() -> str:
+    """Register `varlen_sdpa_attention` with transformers (once); padded batches keep sdpa's own masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if VARLEN_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    if VARLEN_SDPA not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
+    return VARLEN_SDPA
+
+
+def base_pretrained_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def packing_mode(model) -> tuple[str | None, str]:
+    """How `model` can train on packed rows exactly: ("flash" | "varlen_sdpa", why) or (None, why not)."""
+    base = base_pretrained_model(model)
+    config = getattr(base, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl in _FLASH:
+        return "flash", f"{impl} reads the sample boundaries natively"
+    if impl in ("sdpa", VARLEN_SDPA) and getattr(base, "_supports_attention_backend", False):
+        return "varlen_sdpa", "sdpa run per sample (CPU-safe variable-length attention)"
+    return None, (f"attention '{impl}' of {type(base).__name__} cannot be confined to each sample of a packed row")
+
+
+def enable_packing(model) -> str | None:
+    """Switch `model` to attention that isolates packed samples. Returns the mode, or None (train padded)."""
+    mode, why = packing_mode(model)
+    if mode == "varlen_sdpa":
+        base = base_pretrained_model(model)
+        base.set_attn_implementation(register_varlen_sdpa())
+    if mode:
+        logger.info("Packing: batches are padding-free rows; %s", why)
+    else:
+        logger.warning("Packing off: %s; batches are padded instead", why)
+    return mode
+
+
+def build_collator(tokenizer, model=None, packing: bool = True, pad_to_multiple_of: int | None = 8):
+    """The training collator: packed rows when `packing` and the model's attention allows it exactly
+    (this switches sdpa models to `varlen_sdpa_attention`), else padding to the batch's longest sample.
+    Returns (collator, packed)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing and model is not None and enable_packing(model):
+        return DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=IGNORE_INDEX), True
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of,
+                                  padding="longest"), False
+
+
+def split_packed_batch(batch: dict, max_tokens: int | None) -> list[dict]:
+    """Cut a flattened batch (one row; sample boundaries in `cu_seq_lens_q`) into consecutive rows
+    of at most `max_tokens` tokens, whole samples only (a longer sample gets a row of its own).
+
+    A trainer runs the rows one after another and accumulates their gradients into one optimizer
+    step, so activation memory is bounded by `max_tokens` instead of batch size x sample length,
+    while no pad token is processed. Without a limit (None/0), or when all fits, the batch is returned as is."""
+    bounds = batch["cu_seq_lens_q"].tolist()
+    total = bounds[-1]
+    if not max_tokens or total <= max_tokens:
+        return [batch]
+    groups, first = [], 0  # next-fit over consecutive samples: rows need no padding, so order is kept
+    for i in range(1, len(bounds) - 1):
+        if bounds[i + 1] - bounds[first] > max_tokens:
+            groups.append((first, i))
+            first = i
+    groups.append((first, len(bounds) - 1))
+    rows = []
+    for a, b in groups:
+        start, end = bounds[a], bounds[b]
+        row = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == total:
+                row[key] = value[:, start:end]
+            else:
+                row[key] = value
+        cu = batch["cu_seq_lens_q"][a:b + 1] - start
+        longest = int(torch.diff(cu).max())
+        row.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=longest, max_length_k=longest)
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class TokenStats:
+    """Token counts over training batches: processed (row slots, padding included), real and supervised."""
+    processed: int = 0
+    real: int = 0
+    supervised: int = 0
+    batches: int = 0
+
+    def update(self, inputs: dict) -> None:
+        ids = inputs["input_ids"]
+        self.processed += ids.numel()
+        mask = inputs.get("attention_mask")
+        self.real += int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else ids.numel()
+        labels = inputs.get("labels")
+        if isinstance(labels, torch.Tensor):
+            # what a causal-LM loss is computed on: labels[..., 1:] (packed rows carry -100 at each sample start)
+            self.supervised += int(labels[..., 1:].ne(IGNORE_INDEX).sum())
+        self.batches += 1
+
+    @property
+    def pad_fraction(self) -> float:
+        return 1.0 - self.real / self.processed if self.processed else 0.0
+
+    def metrics(self, prefix: str = "train") -> dict:
+        return {f"{prefix}_tokens_processed": self.processed, f"{prefix}_tokens_real": self.real,
+                f"{prefix}_tokens_supervised": self.supervised, f"{prefix}_pad_fraction": round(self.pad_fraction, 4)}

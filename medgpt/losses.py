@@ -1,0 +1,109 @@
+"""Causal-LM loss without full-vocabulary logits, and the lean Trainer that uses it.
+
+A causal LM's forward normally projects every position onto the vocabulary: for SmolLM2 that is
+49,152 floats per token (a [4, 512] batch: 400 MB of logits, plus as much again for their softmax and
+gradient), while only the positions whose next token is supervised (the assistant replies, ~60-65%
+of real tokens in chat SFT, none of the padding) enter the loss. transformers models accept
+`logits_to_keep` as a tensor of positions, so the model's own head (with its soft-capping or logit
+scaling, if any) runs on those positions only; the cross-entropy is then summed and divided by the
+same token count the Trainer uses for its own loss (`num_items_in_batch`), so the loss, and so
+training, is the same as the model's loss on full logits up to float error. Hand-written because
+neither transformers' Trainer nor its loss functions select positions before the head.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from .data.collator import TokenStats, base_pretrained_model, split_packed_batch
+from .data.sft import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+
+def accepts_logits_to_keep(model) -> bool:
+    base = base_pretrained_model(model)
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def supervised_lm_loss(model, inputs: dict, num_items_in_batch=None):
+    """Next-token cross-entropy computed from logits at supervised positions only.
+
+    `inputs` holds input_ids, labels and the model's other inputs (attention_mask or packed
+    position_ids/cu_seq_lens). Returns (loss, outputs) where outputs.logits covers only the kept
+    positions: [batch, kept, vocab]. The loss is the sum over supervised tokens divided by
+    `num_items_in_batch` (the Trainer's count across gradient accumulation) or, without it, by this
+    batch's supervised token count, exactly as transformers' ForCausalLMLoss divides."""
+    labels = inputs["labels"]
+    targets = labels[..., 1:]
+    # positions whose next token is supervised in any row (padded batches share one set of positions)
+    keep = targets.ne(IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
+    logits = outputs.logits
+    targets = targets[:, keep].to(logits.device)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else targets.ne(IGNORE_INDEX).sum()
+    if torch.is_tensor(count):
+        count = count.to(loss.device).clamp(min=1)
+    else:
+        count = max(int(count), 1)
+    return loss / count, outputs
+
+
+class LeanTrainer(Trainer):
+    """transformers' Trainer with `supervised_lm_loss` (no full-vocabulary logits), token accounting
+    (processed / real / supervised tokens and pad fraction, added to the train metrics), and, for
+    packed batches, rows of at most `max_packed_tokens` run one after another within one optimizer
+    step (activation memory bounded by one row, not by the whole batch)."""
+
+    def __init__(self, *args, lean_loss: bool = True, max_packed_tokens: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_stats = TokenStats()
+        self.max_packed_tokens = max_packed_tokens
+        self.lean_loss = lean_loss and accepts_logits_to_keep(self.model)
+        if lean_loss and not self.lean_loss:
+            logger.warning("%s has no logits_to_keep argument: computing the loss on full logits",
+                           type(base_pretrained_model(self.model)).__name__)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        rows = split_packed_batch(inputs, self.max_packed_tokens) if "cu_seq_lens_q" in inputs else [inputs]
+        if len(rows) == 1 or self.is_deepspeed_enabled:  # DeepSpeed steps inside backward: one pass per step
+            return super().training_step(model, inputs, num_items_in_batch)
+        if num_items_in_batch is None:  # normalize every row by the whole batch, so the rows add up to its loss
+            num_items_in_batch = inputs["labels"][..., 1:].ne(IGNORE_INDEX).sum()
+        total = 0.0
+        for i, row in enumerate(rows):
+            # gradients of the rows accumulate locally; DDP syncs once, on the last row
+            sync = contextlib.nullcontext() if i == len(rows) - 1 else self.accelerator.no_sync(model)
+            with sync:
+                total = total + super().training_step(model, row, num_items_in_batch)
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.token_stats.update(inputs)
+        if not self.lean_loss or "labels" not in inputs or self.label_smoother is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = supervised_lm_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # the count is summed over devices and DDP averages gradients: scale back, as Trainer does
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return (loss, outputs) if return_outputs else loss
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        result.metrics.update(self.token_stats.metrics("train"))
+        runtime = result.metrics.get("train_runtime")
+        if runtime:
+            result.metrics["train_supervised_tokens_per_second"] = round(self.token_stats.supervised / runtime, 3)
+        return result
