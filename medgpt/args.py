@@ -92,6 +92,17 @@ class SFTArguments:
         default="chatml", metadata={"help": "Chat template (see template.py); the embedded SmolLM2 default uses chatml."})
     model_max_length: int = field(default=512, metadata={"help": "Maximum tokens per sample; longer samples are cut at turn boundaries."})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens (default: assistant turns only)."})
+    packing: bool = field(
+        default=True, metadata={"help": "Padding-free training: each batch's samples are packed into rows with no pad "
+                                        "token, attention confined to each sample and positions restarting per sample, "
+                                        "so training equals padded training up to float error. Falls back to padding "
+                                        "(with a warning) where the model's attention cannot isolate samples. "
+                                        "False: pad every batch to its longest sample."})
+    max_packed_tokens: Optional[int] = field(
+        default=None, metadata={"help": "With --packing: tokens per forward pass. A batch is cut into rows of at most "
+                                        "this many tokens (whole samples), run one after another and accumulated into "
+                                        "one optimizer step, so activation memory is that of one row. Default: "
+                                        "--model_max_length; 0: the whole batch in one row (a little faster, more memory)."})
 
 
 @dataclass
