@@ -64,3 +64,51 @@ def learnable_model_dir(tmp_path_factory, smol_tokenizer) -> str:
     """A tiny model whose weights are large enough (init std 0.2) for LoRA alone to move the loss a lot:
     with the default 0.02 init the frozen, tied output embeddings cap the logits near uniform."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-learnable"), smol_tokenizer, initializer_range=0.2)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class running_server:
+    """`with running_server(script, args, url, log_path) as proc:` starts a top-level server script, waits
+    (bounded) until GET url answers, and always stops it on exit."""
+
+    def __init__(self, script: str, args, url: str, log_path, timeout: float = 180):
+        self.script, self.args, self.url, self.log_path, self.timeout = script, list(args), url, log_path, timeout
+
+    def __enter__(self):
+        import time
+        import urllib.error
+        import urllib.request
+
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / self.script), *self.args], cwd=ROOT, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                urllib.request.urlopen(self.url, timeout=2).close()
+                return self.proc
+            except urllib.error.HTTPError:  # it answers, if only with an error status
+                return self.proc
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__(None, None, None)
+        raise AssertionError(f"{self.script} did not come up within {self.timeout:.0f}s:\n"
+                             f"{open(self.log_path).read()[-4000:]}")
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        self.log.close()
+        return False

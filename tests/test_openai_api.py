@@ -3,9 +3,6 @@ from a 2-step SFT run), raw HTTP for malformed requests, and the request queue i
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -13,49 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, free_port, run_script, running_server
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 API_KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(script: str, args: list[str], url: str, log_path, timeout: float = 180):
-    """Start a server script; returns the process once `url` answers. The caller must stop_server() it."""
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    proc.log_file = log
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise AssertionError(f"{script} did not come up in {timeout:.0f}s:\n{open(log_path).read()[-4000:]}")
-
-
-def stop_server(proc) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
-    proc.log_file.close()
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +32,10 @@ def server(tiny_model_dir, lora_dir, tmp_path_factory):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("api") / "server.log"
-    proc = start_server("openai_api.py", ["--base_model", tiny_model_dir, "--lora_model", lora_dir, "--port", str(port),
-                                          "--api_key", API_KEY, "--max_new_tokens", "32", "--max_queue", "16"],
-                        f"{base}/health", log)
-    try:
+    args = ["--base_model", tiny_model_dir, "--lora_model", lora_dir, "--port", str(port), "--api_key", API_KEY,
+            "--max_new_tokens", "32", "--max_queue", "16"]
+    with running_server("openai_api.py", args, f"{base}/health", log) as proc:
         yield base
-    finally:
-        stop_server(proc)
     assert proc.returncode is not None
 
 
