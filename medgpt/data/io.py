@@ -19,6 +19,10 @@ class DataError(ValueError):
     """A malformed input; its message is one line: 'file:line: what is wrong'."""
 
 
+class TextLine(str):
+    """A line of a .txt file (with its line break), as iter_records yields it; a JSON string is a plain str."""
+
+
 @dataclass
 class Record:
     data: object
@@ -62,7 +66,7 @@ def iter_records(path: str, bad_lines: Optional[list] = None) -> Iterator[Record
                     continue
                 if lineno == 1:
                     line = line.lstrip("\ufeff")  # a UTF-8 byte-order mark is not text
-                yield Record(line[:-2] + "\n" if line.endswith("\r\n") else line, f"{path}:{lineno}")
+                yield Record(TextLine(line[:-2] + "\n" if line.endswith("\r\n") else line), f"{path}:{lineno}")
         return
     with open(path, encoding="utf-8") as f:
         text = f.read()

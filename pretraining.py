@@ -1,0 +1,52 @@
+"""Stage 1: continued pretraining on raw domain text (.txt a document per line, or .json/.jsonl `text`).
+
+    python pretraining.py --train_file_dir data/pretrain --output_dir outputs-pt --do_train --do_eval --block_size 256
+
+Documents are joined with an eos after each and cut into blocks of exactly --block_size tokens; the loss
+covers every token. Reports eval loss and perplexity. LoRA by default; --use_peft False trains in full.
+"""
+from __future__ import annotations
+
+import logging
+
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments, Trainer
+
+from medgpt.args import DataArguments, LoraArguments, ModelArguments, PretrainArguments, parse_args
+from medgpt.cli import run_main
+from medgpt.data.pretrain import build_pretrain_datasets
+from medgpt.data.sft import IGNORE_INDEX
+from medgpt.modeling import apply_lora, load_model, load_tokenizer
+from medgpt.training import prepare_run, train_and_save
+
+logger = logging.getLogger("medgpt.pt")
+
+
+def main(argv=None):
+    model_args, data_args, lora_args, pt_args, training_args, compat = parse_args(
+        ModelArguments, DataArguments, LoraArguments, PretrainArguments, Seq2SeqTrainingArguments, argv=argv)
+    resume = prepare_run(training_args, compat)
+    tokenizer = load_tokenizer(model_args)
+    train_dataset, eval_dataset = build_pretrain_datasets(data_args, pt_args, tokenizer, training_args)
+
+    model = load_model(model_args)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        # an extended vocabulary (--tokenizer_name_or_path); train the new rows with --modules_to_save embed_tokens,lm_head
+        logger.info("Resizing the embeddings from %d to %d tokens", model.get_input_embeddings().weight.shape[0], len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+    model = apply_lora(model, lora_args, training_args)
+    if model_args.neft_alpha:
+        training_args.neftune_noise_alpha = model_args.neft_alpha
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        # packed blocks are all --block_size long; with --packing False this pads, keeping padding out of the loss
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
+    )
+    train_and_save(trainer, training_args, resume, tokenizer)
+
+
+if __name__ == "__main__":
+    run_main(main)

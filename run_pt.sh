@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Stage 1: continued pretraining (LoRA) on raw domain text, with MedicalGPT's flags.
+#   CPU / laptop:      bash run_pt.sh                  (embedded SmolLM2-135M-Instruct, data/pretrain, a few minutes)
+#   GPU node:          NPROC=8 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 bash run_pt.sh --model_name_or_path Qwen/Qwen2.5-0.5B --block_size 1024 --torch_dtype bfloat16 --bf16
+#   Full parameters:   bash run_pt.sh --use_peft False --learning_rate 2e-5
+# Extra flags are appended and override the defaults below. On a machine without CUDA, --bf16/--fp16
+# are dropped and training runs in float32. 10% of the documents are held out for the eval loss and
+# perplexity (MedicalGPT evaluates on --validation_file_dir ./data/pretrain, i.e. on the training text;
+# pass that flag to do the same).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
+"$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29502}" pretraining.py \
+    --train_file_dir ./data/pretrain \
+    --validation_split_percentage 10 \
+    --per_device_train_batch_size 4 \
+    --per_device_eval_batch_size 4 \
+    --do_train \
+    --do_eval \
+    --use_peft True \
+    --seed 42 \
+    --max_train_samples 10000 \
+    --max_eval_samples 10 \
+    --num_train_epochs 0.5 \
+    --learning_rate 2e-4 \
+    --warmup_ratio 0.05 \
+    --weight_decay 0.01 \
+    --logging_strategy steps \
+    --logging_steps 2 \
+    --eval_steps 50 \
+    --eval_strategy steps \
+    --save_steps 50 \
+    --save_strategy steps \
+    --save_total_limit 3 \
+    --gradient_accumulation_steps 1 \
+    --preprocessing_num_workers 1 \
+    --block_size 128 \
+    --packing True \
+    --output_dir outputs-pt-v1 \
+    --overwrite_output_dir \
+    --ddp_timeout 30000 \
+    --logging_first_step True \
+    --target_modules all \
+    --lora_rank 8 \
+    --lora_alpha 16 \
+    --lora_dropout 0.05 \
+    --torch_dtype float32 \
+    --device_map auto \
+    --report_to tensorboard \
+    --ddp_find_unused_parameters False \
+    --gradient_checkpointing False \
+    --cache_dir ./cache \
+    "$@"
