@@ -119,6 +119,8 @@ def main(argv=None):
     logging.getLogger("medgpt").setLevel(logging.INFO)
     set_seed(training_args.seed)
     check_paths(ppo_args)
+    if compat.logging_dir:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", compat.logging_dir)
     rows, _ = load_train_eval_rows(data_args, prompt_row, seed=training_args.seed)
     if data_args.validation_file_dir:
         logger.info("--validation_file_dir is not used by PPO (rewards are logged on the training prompts)")

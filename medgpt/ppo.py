@@ -490,7 +490,9 @@ class PPOTrainer:
         except ImportError:
             logger.warning("--report_to tensorboard: tensorboard is not installed, not reporting there")
             return None
-        return SummaryWriter(self.targs.logging_dir or os.path.join(self.output_dir, "runs"))
+        folder = (getattr(self.targs, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
+                  or os.path.join(self.output_dir, "runs"))
+        return SummaryWriter(folder)
 
     # ---------------------------------------------------------------- saving
     def save(self, path: str, metrics: Optional[dict] = None, max_steps: Optional[int] = None) -> None:

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GRPO (R1-style RL with rule rewards: answer match + <think>/<answer> format) with MedicalGPT's flags.
+#   CPU / laptop:      bash run_grpo.sh                (embedded SmolLM2-135M-Instruct, data/grpo, a few minutes)
+#   From an SFT LoRA:  bash run_grpo.sh --peft_path outputs-sft-v1
+#   GPU node:          NPROC=2 CUDA_VISIBLE_DEVICES=0,1 bash run_grpo.sh --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --template_name qwen --torch_dtype bfloat16 --bf16 True --max_steps -1 --num_train_epochs 1 --max_completion_length 512
+# Extra flags are appended and override the defaults below. On a machine without CUDA, --bf16/--fp16 are dropped
+# and training runs in float32; generation uses transformers (no vLLM needed).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
+"$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29507}" grpo_training.py \
+    --train_file_dir ./data/grpo \
+    --train_samples -1 \
+    --max_steps 10 \
+    --num_train_epochs 1 \
+    --save_steps 50 \
+    --save_strategy steps \
+    --save_total_limit 3 \
+    --output_dir outputs-grpo-v1 \
+    --overwrite_output_dir \
+    --torch_dtype float32 \
+    --report_to tensorboard \
+    --remove_unused_columns False \
+    --gradient_checkpointing False \
+    --beta 0.001 \
+    --learning_rate 5e-5 \
+    --lr_scheduler_type cosine \
+    --warmup_ratio 0.03 \
+    --use_vllm False \
+    --logging_steps 1 \
+    --use_peft True \
+    --target_modules all \
+    --lora_rank 16 \
+    --lora_alpha 32 \
+    --lora_dropout 0.1 \
+    --per_device_train_batch_size 4 \
+    --gradient_accumulation_steps 1 \
+    --num_generations 4 \
+    --max_completion_length 96 \
+    --seed 42 \
+    "$@"
