@@ -1,0 +1,178 @@
+"""The whole recipe in one command: PT -> SFT -> RM -> PPO, and SFT -> DPO, SFT -> ORPO, on the sample
+data, each stage reading the previous stage's output; then a report (curves, metrics, answers side by
+side) and a chat answer from the final model.
+
+    python run_pipeline.py                      # embedded SmolLM2-135M-Instruct, data/, outputs-pipeline/
+    python run_pipeline.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --template_name qwen
+
+Each stage runs its own run_*.sh (so the pipeline exercises exactly what users run), with the output and
+model paths overridden; its console output is shown live and kept in <output_root>/logs/<stage>.log.
+A stage whose output already exists is skipped (--force reruns everything), so an interrupted pipeline
+continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+QUESTIONS = [
+    "What are the early warning signs of a stroke?",
+    "I have had a mild fever and a sore throat for two days. What should I do?",
+    "高血压患者日常饮食应该注意什么？",
+    "How can I lower my risk of type 2 diabetes?",
+    "儿童发烧到多少度需要去医院？",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", default=None, help="Base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--template_name", default="chatml", help="Chat template for SFT/RM/DPO/ORPO/PPO")
+    p.add_argument("--output_root", default="outputs-pipeline", help="Where every stage's output and the report go")
+    p.add_argument("--stages", default="pt,sft,rm,ppo,dpo,orpo", help="Comma-separated subset of pt,sft,rm,ppo,dpo,orpo")
+    p.add_argument("--force", action="store_true", help="Rerun stages whose output already exists")
+    p.add_argument("--max_new_tokens", type=int, default=96, help="Answer length in the report")
+    p.add_argument("--question", default="What should I do if I have a fever and a headache?",
+                   help="The question the final model answers at the end")
+    p.add_argument("--stage_args", action="append", default=[], metavar="STAGE=FLAGS",
+                   help="Extra flags for one stage, e.g. --stage_args 'sft=--num_train_epochs 2' (repeatable)")
+    return p.parse_args(argv)
+
+
+class Pipeline:
+    def __init__(self, args):
+        self.args = args
+        self.root = os.path.abspath(args.output_root)
+        self.logs = os.path.join(self.root, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.timings: dict[str, float] = {}
+        self.extra = {}
+        for item in args.stage_args:
+            stage, _, flags = item.partition("=")
+            self.extra[stage.strip()] = flags.split()
+        self.python = sys.executable
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def banner(self, text: str):
+        print(f"\n{'=' * 100}\n[pipeline {time.strftime('%H:%M:%S')}] {text}\n{'=' * 100}", flush=True)
+
+    def run(self, name: str, cmd: list[str], output: str, done_file: str):
+        """Run one stage command, streaming its output to the console and a log; skip if already done."""
+        if os.path.exists(os.path.join(output, done_file)) and not self.args.force:
+            self.banner(f"{name}: already done ({output}), skipping (--force reruns)")
+            return
+        self.banner(f"{name}: {' '.join(cmd)}")
+        start = time.time()
+        env = dict(os.environ, PYTHON=self.python, PYTHONUNBUFFERED="1")
+        log_path = os.path.join(self.logs, f"{name.lower()}.log")
+        with open(log_path, "w", encoding="utf-8") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1)
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            rc = proc.wait()
+        self.timings[name] = time.time() - start
+        if rc != 0:
+            raise SystemExit(f"error: stage {name} failed with exit code {rc}; its log: {log_path}")
+        print(f"[pipeline] {name} finished in {self.timings[name]:.0f} s", flush=True)
+
+    def stage(self, name: str, script: str, output: str, flags: list[str], done_file: str):
+        self.run(name, ["bash", script, *flags, "--output_dir", output, *self.extra.get(name.lower(), [])],
+                 output, done_file)
+
+    def merge(self, name: str, base: str | None, adapter: str, output: str):
+        cmd = [self.python, "merge_peft_adapter.py", "--lora_model", adapter, "--output_dir", output]
+        if base:
+            cmd += ["--base_model", base]
+        self.run(f"merge-{name}", cmd, output, "model.safetensors")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    p = Pipeline(args)
+    base = args.model_name_or_path
+    model_flag = ["--model_name_or_path", base] if base else []
+    tmpl = ["--template_name", args.template_name]
+    total_start = time.time()
+
+    # Stage 1: continued pretraining (LoRA), merged so SFT starts from the adapted weights
+    sft_base = base
+    if "pt" in stages:
+        p.stage("PT", "run_pt.sh", p.path("pt"), model_flag, "adapter_config.json")
+        p.merge("pt", base, p.path("pt"), p.path("pt-merged"))
+        sft_base = p.path("pt-merged")
+    # Stage 2: SFT, merged: the starting point of RM, PPO, DPO and ORPO
+    p.stage("SFT", "run_sft.sh", p.path("sft"),
+            (["--model_name_or_path", sft_base] if sft_base else []) + tmpl, "adapter_config.json")
+    p.merge("sft", sft_base, p.path("sft"), p.path("sft-merged"))
+    sft = p.path("sft-merged")
+    on_sft = ["--model_name_or_path", sft] + tmpl
+    if "rm" in stages or "ppo" in stages:
+        p.stage("RM", "run_rm.sh", p.path("rm"), on_sft, "adapter_config.json")
+    if "ppo" in stages:
+        p.stage("PPO", "run_ppo.sh", p.path("ppo"),
+                ["--sft_model_path", sft, "--reward_model_path", p.path("rm")] + tmpl, "adapter_config.json")
+    if "dpo" in stages:
+        p.stage("DPO", "run_dpo.sh", p.path("dpo"), on_sft, "adapter_config.json")
+    if "orpo" in stages:
+        p.stage("ORPO", "run_orpo.sh", p.path("orpo"), on_sft, "adapter_config.json")
+
+    # Answers of each model to the same questions, scored by the reward model
+    p.banner("Report: answering the questions with each model")
+    import torch
+
+    from medgpt.generation import ChatModel, GenerationOptions
+    from medgpt.report import write_report
+
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=0, repetition_penalty=1.1)
+    models = {"SFT": None}
+    for name in ("dpo", "ppo", "orpo"):
+        if name in stages:
+            models[name.upper()] = p.path(name)
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS + [args.question]]
+    answers, finals = {}, {}
+    for label, adapter in models.items():
+        chat = ChatModel(sft, adapter, template_name=args.template_name, device="cpu" if not torch.cuda.is_available() else None)
+        out = chat.chat(convs, options)
+        answers[label], finals[label] = out[:-1], out[-1]
+        print(f"[pipeline] {label} answered {len(QUESTIONS)} questions", flush=True)
+        del chat
+        gc.collect()
+    rewards = None
+    if "rm" in stages or "ppo" in stages:
+        from medgpt.reward import RewardScorer
+        scorer = RewardScorer(p.path("rm"))
+        prompts = [scorer.build_prompt(c) for c in convs[:-1]]
+        rewards = {label: float(scorer.score(prompts, ans).mean()) for label, ans in answers.items()}
+        del scorer
+    stage_dirs = [("PT", "pt"), ("SFT", "sft"), ("RM", "rm"), ("PPO", "ppo"), ("DPO", "dpo"), ("ORPO", "orpo")]
+    report_stages = [{"name": n, "output_dir": p.path(d)} for n, d in stage_dirs
+                     if (d in stages or d == "sft") and os.path.isdir(p.path(d))]
+    p.timings["total"] = time.time() - total_start
+    report = write_report(os.path.join(p.root, "report", "report.md"), report_stages, QUESTIONS, answers,
+                          rewards=rewards, timings=p.timings)
+    with open(os.path.join(p.root, "report", "summary.json"), "w", encoding="utf-8") as f:
+        json.dump({"timings_s": p.timings, "mean_reward": rewards, "answers": answers, "questions": QUESTIONS},
+                  f, ensure_ascii=False, indent=2)
+    final_model = "PPO" if "PPO" in models else list(models)[-1]
+    p.banner(f"Done in {p.timings['total'] / 60:.1f} min. Report: {report}")
+    if rewards:
+        print("Mean reward of the answers: " + ", ".join(f"{k} {v:+.3f}" for k, v in rewards.items()))
+    # the final chat answer, from the end of the RLHF chain
+    print(f"\nUser: {args.question}\nAssistant ({final_model} model): {finals[final_model]}", flush=True)
+
+
+if __name__ == "__main__":
+    from medgpt.cli import run_main
+    run_main(main)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole recipe in one command (PT -> SFT -> RM -> PPO, SFT -> DPO, SFT -> ORPO) and a report.
+# Flags are passed to run_pipeline.py (python run_pipeline.py --help).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+exec "$PYTHON" run_pipeline.py "$@"
