@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Stage 3: ORPO (odds-ratio preference optimization, LoRA): SFT and preference learning in one step, no reference
+# model, on chosen/rejected pairs, with MedicalGPT's flags.
+#   CPU / laptop:   bash run_orpo.sh                (embedded SmolLM2-135M-Instruct, data/reward; a few minutes)
+#   From SFT:       bash run_orpo.sh --peft_path outputs-sft-v1          (continue the SFT adapter)
+#                   bash run_orpo.sh --model_name_or_path merged-sft     (a merged SFT folder)
+#   GPU node:       NPROC=8 bash run_orpo.sh --model_name_or_path Qwen/Qwen2.5-7B-Instruct --template_name qwen --torch_dtype bfloat16 --bf16 --max_source_length 1024 --max_target_length 512 --per_device_train_batch_size 4 --gradient_accumulation_steps 8 --max_steps 100
+# Extra flags are appended and override the defaults below. The output adapter is used with
+# inference.py --lora_model outputs-orpo-v1. On a machine without CUDA, training runs in float32.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
+"$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29505}" orpo_training.py \
+    --train_file_dir ./data/reward \
+    --validation_split_percentage 10 \
+    --per_device_train_batch_size 2 \
+    --per_device_eval_batch_size 4 \
+    --gradient_accumulation_steps 1 \
+    --do_train \
+    --do_eval \
+    --template_name chatml \
+    --use_peft True \
+    --max_train_samples 1000 \
+    --max_eval_samples 10 \
+    --max_steps 12 \
+    --learning_rate 2e-4 \
+    --orpo_beta 0.1 \
+    --warmup_steps 2 \
+    --lr_scheduler_type cosine \
+    --logging_strategy steps \
+    --logging_steps 2 \
+    --eval_steps 50 \
+    --eval_strategy steps \
+    --save_steps 50 \
+    --save_strategy steps \
+    --save_total_limit 3 \
+    --max_source_length 128 \
+    --max_target_length 128 \
+    --output_dir outputs-orpo-v1 \
+    --overwrite_output_dir \
+    --ddp_timeout 30000 \
+    --logging_first_step True \
+    --target_modules all \
+    --lora_rank 8 \
+    --lora_alpha 16 \
+    --lora_dropout 0.05 \
+    --torch_dtype float32 \
+    --device_map auto \
+    --report_to tensorboard \
+    --ddp_find_unused_parameters False \
+    --remove_unused_columns False \
+    --gradient_checkpointing False \
+    --cache_dir ./cache \
+    "$@"
