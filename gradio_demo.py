@@ -20,16 +20,12 @@ EXAMPLES = [
 
 
 def parse_args(argv=None):
-    from medgpt.serving import add_model_args
+    from medgpt.serving import add_model_args, add_server_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    g = p.add_argument_group("server")
-    g.add_argument("--server_name", "--host", dest="server_name", default="127.0.0.1",
-                   help="Address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
-    g.add_argument("--server_port", "--port", dest="server_port", type=int, default=7860)
+    g = add_server_args(p, port=7860)
     g.add_argument("--share", action="store_true", help="Also publish a temporary public gradio.live link")
-    g.add_argument("--max_queue", type=int, default=32, help="Chats that may wait for the model")
     g.add_argument("--title", default="MedicalGPT", help="Page title")
     return p.parse_args(argv)
 
@@ -113,11 +109,11 @@ def main(argv=None):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from medgpt.serving import default_options, load_chat_model, warn_if_exposed
 
-    warn_if_exposed(args.server_name, False)
+    warn_if_exposed(args.host, False)
     chat = load_chat_model(args)
     system_prompt = args.system_prompt if args.system_prompt is not None else chat.template.system_prompt
     demo = build_demo(chat, default_options(args), system_prompt, args.title, args.max_queue)
-    demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share, show_error=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
 
 
 if __name__ == "__main__":

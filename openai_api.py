@@ -22,19 +22,15 @@ logger = logging.getLogger("medgpt.openai_api")
 
 
 def parse_args(argv=None):
-    from medgpt.serving import add_model_args
+    from medgpt.serving import add_model_args, add_server_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    g = p.add_argument_group("server")
-    g.add_argument("--host", "--server_name", dest="host", default="127.0.0.1",
-                   help="Address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
-    g.add_argument("--port", "--server_port", dest="port", type=int, default=8000)
+    g = add_server_args(p, port=8000)
     g.add_argument("--api_key", default=os.environ.get("MEDGPT_API_KEY"),
                    help="Require 'Authorization: Bearer KEY' (default: $MEDGPT_API_KEY; unset = no key)")
     g.add_argument("--model_id", default=None, help="Model name reported by /v1/models (default: the adapter's "
                                                      "or model's folder name)")
-    g.add_argument("--max_queue", type=int, default=32, help="Requests that may wait for the model; beyond that: 503")
     g.add_argument("--max_batch_size", type=int, default=4,
                    help="Waiting non-streamed requests with equal settings generated together (1 = never batch)")
     g.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])

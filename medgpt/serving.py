@@ -46,6 +46,17 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def add_server_args(p: argparse.ArgumentParser, port: int):
+    """--host/--server_name, --port/--server_port (both names, MedicalGPT used each) and --max_queue; returns the
+    "server" group for a script's own flags."""
+    g = p.add_argument_group("server")
+    g.add_argument("--host", "--server_name", dest="host", default="127.0.0.1",
+                   help="Address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    g.add_argument("--port", "--server_port", dest="port", type=int, default=port)
+    g.add_argument("--max_queue", type=int, default=32, help="Requests that may wait for the model (then: busy)")
+    return g
+
+
 def load_chat_model(args: argparse.Namespace) -> ChatModel:
     if not args.use_cpu and args.gpus:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", args.gpus)  # before CUDA is first touched

@@ -69,10 +69,11 @@ def chat_in_browser(url: str, screenshot: str, question: str = QUESTION, answer_
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def run_demo_in_browser(model_args: list[str], tmp_path, screenshot: str, timeout: float = 180) -> str:
+def run_demo_in_browser(model_args: list[str], tmp_path, screenshot: str, max_new_tokens: int = 48,
+                        timeout: float = 180) -> str:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    args = [*model_args, "--server_port", str(port), "--max_new_tokens", "48"]
+    args = [*model_args, "--server_port", str(port), "--max_new_tokens", str(max_new_tokens)]
     with running_server("gradio_demo.py", args, url, tmp_path / "demo.log", timeout=timeout) as proc:
         answer = chat_in_browser(url, screenshot)
         assert proc.poll() is None, open(tmp_path / "demo.log").read()[-3000:]
@@ -93,7 +94,7 @@ def test_chat_in_browser(tiny_model_dir, tmp_path):
 def test_chat_in_browser_default_model(tmp_path):
     """The embedded SmolLM2 answers in the page. MEDGPT_SCREENSHOT=docs/images/gradio_demo.png keeps the picture."""
     shot = os.environ.get("MEDGPT_SCREENSHOT") or str(tmp_path / "gradio_demo.png")
-    answer = run_demo_in_browser(["--temperature", "0"], tmp_path, shot)
+    answer = run_demo_in_browser(["--temperature", "0"], tmp_path, shot, max_new_tokens=160)
     assert len(answer.split()) >= 5
 
 
@@ -103,9 +104,9 @@ def test_defaults_are_local_and_private():
     import openai_api
 
     demo = gradio_demo.parse_args([])
-    assert demo.server_name == "127.0.0.1" and demo.share is False
+    assert demo.host == "127.0.0.1" and demo.port == 7860 and demo.share is False
     api = openai_api.parse_args([])
-    assert api.host == "127.0.0.1"
+    assert api.host == "127.0.0.1" and api.port == 8000
     assert openai_api.parse_args(["--server_name", "0.0.0.0", "--port", "9"]).host == "0.0.0.0"
 
 
