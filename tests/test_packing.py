@@ -195,3 +195,30 @@ def test_sft_script_packed_and_padded_learn_the_same(tiny_model_dir, tmp_path):
     assert packed["train_loss"] == pytest.approx(padded["train_loss"], rel=1e-4)
     assert packed["train_tokens_supervised"] == padded["train_tokens_supervised"] > 0
     assert packed["train_pad_fraction"] == 0.0 < padded["train_pad_fraction"]
+
+
+def test_fast_cpu_dropout_keeps_dropout_semantics(smol_tokenizer):
+    from medgpt.losses import FastCPUDropout, use_fast_cpu_dropout
+
+    drop = FastCPUDropout(0.25)
+    x = torch.ones(400, 500, requires_grad=True)
+    torch.manual_seed(1)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.25) < 0.01
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # gradient flows through kept elements only, scaled alike
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), y)  # same seed, same mask
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+    model = _lora(smol_tokenizer)  # lora_dropout 0: nothing to swap
+    assert use_fast_cpu_dropout(model) == 0
+    from types import SimpleNamespace
+
+    from medgpt.args import LoraArguments
+    from medgpt.modeling import apply_lora
+    model = apply_lora(_llama(smol_tokenizer), LoraArguments(lora_dropout=0.1), SimpleNamespace(gradient_checkpointing=False))
+    assert use_fast_cpu_dropout(model) == 14  # 7 linear layers x 2 decoder layers
