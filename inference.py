@@ -16,28 +16,17 @@ logger = logging.getLogger("medgpt.inference")
 
 
 def parse_args(argv=None):
+    from medgpt.serving import add_model_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base_model", default=None, help="Base model: hub name or HF folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--lora_model", default=None, help="LoRA adapter folder; omit for a full or merged model")
-    p.add_argument("--tokenizer_path", default=None, help="Tokenizer folder (default: --lora_model's if it has one, else --base_model's)")
-    p.add_argument("--template_name", default=None, help="Chat template (default: the one the adapter was trained with, else chatml for the embedded model, else vicuna)")
-    p.add_argument("--system_prompt", default=None, help="System prompt (default: the template's)")
-    p.add_argument("--with_prompt", action="store_true", help="Wrap each input in the chat template (needed for chat models)")
-    p.add_argument("--interactive", action="store_true", help="Multi-turn chat in the terminal, streamed")
-    p.add_argument("--prompt", default=None, help="Answer this one question and exit")
-    p.add_argument("--data_file", default=None, help="A text file with one prompt a line")
-    p.add_argument("--predictions_file", default="./predictions_result.jsonl", help="Where --data_file answers go (JSON lines: Input, Output)")
-    p.add_argument("--eval_batch_size", "--batch_size", dest="batch_size", type=int, default=4, help="Prompts generated together with --data_file")
-    p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy decoding")
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--use_cpu", action="store_true", help="Run on the CPU even if a GPU is present")
-    p.add_argument("--gpus", default="0", help="GPU ids to use, e.g. 0 or 0,1")
-    p.add_argument("--torch_dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--load_in_8bit", action="store_true")
-    p.add_argument("--load_in_4bit", action="store_true")
-    p.add_argument("--trust_remote_code", action="store_true", help="Allow the model's own code (off by default)")
+    add_model_args(p)
+    g = p.add_argument_group("input and output")
+    g.add_argument("--with_prompt", action="store_true", help="Wrap each input in the chat template (needed for chat models)")
+    g.add_argument("--interactive", action="store_true", help="Multi-turn chat in the terminal, streamed")
+    g.add_argument("--prompt", default=None, help="Answer this one question and exit")
+    g.add_argument("--data_file", default=None, help="A text file with one prompt a line")
+    g.add_argument("--predictions_file", default="./predictions_result.jsonl", help="Where --data_file answers go (JSON lines: Input, Output)")
+    g.add_argument("--eval_batch_size", "--batch_size", dest="batch_size", type=int, default=4, help="Prompts generated together with --data_file")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
     modes = [m for m in ("interactive", "prompt", "data_file") if getattr(args, m)]
@@ -94,21 +83,14 @@ def interactive(chat, options, with_prompt: bool):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not args.use_cpu and args.gpus:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", args.gpus)
-    import torch
     from transformers import set_seed
 
-    from medgpt.generation import ChatModel, GenerationOptions
+    from medgpt.serving import default_options, load_chat_model
 
     set_seed(args.seed)
     prompts = read_prompts(args.data_file) if args.data_file else None
-    device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
-    chat = ChatModel(args.base_model, args.lora_model, args.tokenizer_path, args.template_name,
-                     args.system_prompt, device=device, torch_dtype=args.torch_dtype,
-                     load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit,
-                     trust_remote_code=args.trust_remote_code)
-    options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
+    chat = load_chat_model(args)
+    options = default_options(args)
 
     def answer(batch: list[str]) -> list[str]:
         if args.with_prompt:
