@@ -26,7 +26,8 @@ def main(argv=None):
         ModelArguments, DataArguments, LoraArguments, PretrainArguments, Seq2SeqTrainingArguments, argv=argv)
     resume = prepare_run(training_args, compat)
     tokenizer = load_tokenizer(model_args)
-    train_dataset, eval_dataset = build_pretrain_datasets(data_args, pt_args, tokenizer, training_args)
+    train_dataset, eval_dataset = build_pretrain_datasets(
+        data_args, pt_args, tokenizer, training_args, cache_dir=model_args.cache_dir)
 
     model = load_model(model_args)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

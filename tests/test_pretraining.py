@@ -167,3 +167,28 @@ def test_streaming_yields_the_same_blocks(tmp_path, smol_tokenizer, corpus):
     assert len(list(datasets("--streaming", "True", "--max_train_samples", "3")[0])) == 3
     with pytest.raises(SystemExit, match="needs --validation_file_dir"):
         datasets("--streaming", "True", "--do_eval")
+
+
+def test_dataset_name_reads_a_text_column_plain_and_streamed(tmp_path, smol_tokenizer):
+    from transformers import TrainingArguments
+
+    from medgpt.args import DataArguments, PretrainArguments, parse_args
+    from medgpt.data.pretrain import build_pretrain_datasets
+
+    hub = tmp_path / "hub"  # a local folder stands in for a hub dataset name (load_dataset reads both)
+    hub.mkdir()
+    (hub / "train.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)
+                                             if d), encoding="utf-8")
+
+    def train_ids(*extra):
+        data_args, pt_args, training_args, _ = parse_args(
+            DataArguments, PretrainArguments, TrainingArguments,
+            argv=["--dataset_name", str(hub), "--block_size", "8", "--output_dir", str(tmp_path / "o"), "--do_train",
+                  "--max_steps", "1", "--report_to", "none", *extra])
+        train, _ = build_pretrain_datasets(data_args, pt_args, smol_tokenizer, training_args, cache_dir=str(tmp_path / "c"))
+        return [r["input_ids"] for r in train]
+
+    stream = _stream(smol_tokenizer, [d for d in DOCS if d])
+    expected = [stream[i:i + 8] for i in range(0, len(stream) // 8 * 8, 8)]
+    assert train_ids() == expected
+    assert train_ids("--streaming", "True") == expected

@@ -154,24 +154,26 @@ def require_str(data: dict, key: str, where: str, allow_empty: bool = False) -> 
     return value
 
 
+def convert_rows(rows: Iterable, convert, name: str, skip_invalid: bool = False) -> Iterator[dict]:
+    """The rows of a hub dataset split (a list or a stream) through `convert(row, "name:i")`; a bad row
+    raises DataError, or is skipped with skip_invalid."""
+    for i, row in enumerate(rows):
+        try:
+            r = convert(row, f"{name}:{i}")
+        except DataError:
+            if not skip_invalid:
+                raise
+            continue
+        if r is not None:
+            yield r
+
+
 def _hub_rows(data_args, convert, cache_dir=None) -> dict[str, list[dict]]:
     from datasets import load_dataset
 
     ds = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
-    out = {}
-    for split, rows in ds.items():
-        converted = []
-        for i, row in enumerate(rows):
-            try:
-                r = convert(row, f"{data_args.dataset_name}[{split}]:{i}")
-            except DataError:
-                if not data_args.skip_invalid_records:
-                    raise
-                continue
-            if r is not None:
-                converted.append(r)
-        out[split] = converted
-    return out
+    return {split: list(convert_rows(rows, convert, f"{data_args.dataset_name}[{split}]", data_args.skip_invalid_records))
+            for split, rows in ds.items()}
 
 
 def load_train_eval_rows(data_args, convert, extensions=(".json", ".jsonl"), need_eval: bool = False,

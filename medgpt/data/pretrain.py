@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from .io import DataError, TextLine, find_data_files, load_records, load_train_eval_rows, require_str
+from .io import DataError, TextLine, convert_rows, find_data_files, load_records, load_train_eval_rows, require_str
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +45,15 @@ def text_converter(keep_linebreaks: bool = True) -> Callable[[object, str], Opti
 class PackStats:
     documents: int = 0
     tokens: int = 0
-    dropped: int = 0  # tokens left over at the end, fewer than one block
+    dropped: int = 0  # packing: the tokens left at the end (< one block); else: the tokens cut off long documents
 
-    def log(self, desc: str, block_size: int, blocks: int):
-        logger.info("%s: %d documents, %d tokens -> %d blocks of %d tokens; %d trailing tokens dropped",
-                    desc, self.documents, self.tokens, blocks, block_size, self.dropped)
+    def log(self, desc: str, block_size: int, samples: int, packing: bool = True):
+        if packing:
+            logger.info("%s: %d documents, %d tokens -> %d blocks of %d tokens; %d trailing tokens dropped",
+                        desc, self.documents, self.tokens, samples, block_size, self.dropped)
+        else:
+            logger.info("%s: %d documents, %d tokens -> %d samples of at most %d tokens; %d tokens cut off "
+                        "the longer documents", desc, self.documents, self.tokens, samples, block_size, self.dropped)
 
 
 def encode_documents(texts: Iterable[str], tokenizer, batch_docs: int = 1000) -> Iterator[list[list[int]]]:
@@ -123,7 +127,7 @@ def build_lm_dataset(texts: Iterable[str], tokenizer, block_size: int, packing: 
         samples = samples[:limit]
         logger.info("%s: keeping the first %d samples (--max_%s_samples)", desc, limit, desc)
     else:
-        stats.log(desc, block_size, n)
+        stats.log(desc, block_size, n, packing)
     if not len(samples):
         raise DataError(f"{desc}: no sample of {block_size} tokens: the data has {stats.tokens} tokens "
                         f"(lower --block_size or add text)")
@@ -143,40 +147,34 @@ def _resolve_block_size(block_size: Optional[int], tokenizer) -> int:
     return block_size
 
 
-def _stream_documents(data_args, convert) -> Iterator[str]:
+def _stream_documents(data_args, convert, cache_dir=None) -> Iterator[str]:
     """Documents read lazily (a file at a time, or a hub dataset streamed) for --streaming."""
     if data_args.dataset_name:
         from datasets import load_dataset
 
-        ds = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train", streaming=True)
-        for i, row in enumerate(ds):
-            try:
-                doc = convert(row, f"{data_args.dataset_name}[train]:{i}")
-            except DataError:
-                if not data_args.skip_invalid_records:
-                    raise
-                continue
-            if doc is not None:
-                yield doc["text"]
+        ds = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train", streaming=True,
+                          cache_dir=cache_dir)
+        for doc in convert_rows(ds, convert, f"{data_args.dataset_name}[train]", data_args.skip_invalid_records):
+            yield doc["text"]
     if data_args.train_file_dir:
         for path in find_data_files(data_args.train_file_dir, TEXT_EXTENSIONS):
             for doc in load_records([path], convert, data_args.skip_invalid_records):
                 yield doc["text"]
 
 
-def build_pretrain_datasets(data_args, pt_args, tokenizer, training_args):
+def build_pretrain_datasets(data_args, pt_args, tokenizer, training_args, cache_dir=None):
     """(train, eval) datasets for pretraining from --train_file_dir/--validation_file_dir/--dataset_name.
     Without validation data, --validation_split_percentage of the documents is held out for evaluation."""
     block_size = _resolve_block_size(pt_args.block_size, tokenizer)
     convert = text_converter(pt_args.keep_linebreaks)
     if pt_args.streaming and training_args.do_train:
-        return _streaming_datasets(data_args, pt_args, convert, tokenizer, block_size, training_args)
+        return _streaming_datasets(data_args, pt_args, convert, tokenizer, block_size, training_args, cache_dir)
     do_train, do_eval = training_args.do_train, training_args.do_eval
     # --max_*_samples count blocks here, not documents: read all documents, cut the blocks later
     doc_args = dataclasses.replace(data_args, max_train_samples=None, max_eval_samples=None)
     with training_args.main_process_first(desc="tokenizing"):
         train_docs, eval_docs = load_train_eval_rows(doc_args, convert, TEXT_EXTENSIONS, need_eval=do_eval,
-                                                     seed=training_args.seed)
+                                                     cache_dir=cache_dir, seed=training_args.seed)
         logger.info("Pretraining data: %d training and %d evaluation documents", len(train_docs), len(eval_docs))
         train = build_lm_dataset((d["text"] for d in train_docs), tokenizer, block_size, pt_args.packing,
                                  data_args.max_train_samples, "train") if do_train else None
@@ -185,7 +183,7 @@ def build_pretrain_datasets(data_args, pt_args, tokenizer, training_args):
     return train, evals
 
 
-def _streaming_datasets(data_args, pt_args, convert, tokenizer, block_size, training_args):
+def _streaming_datasets(data_args, pt_args, convert, tokenizer, block_size, training_args, cache_dir=None):
     from datasets import IterableDataset
 
     if training_args.max_steps is None or training_args.max_steps <= 0:
@@ -198,14 +196,14 @@ def _streaming_datasets(data_args, pt_args, convert, tokenizer, block_size, trai
 
     def samples():
         stats, n = PackStats(), 0
-        for chunk in sample_chunks(_stream_documents(data_args, convert), tokenizer, block_size,
+        for chunk in sample_chunks(_stream_documents(data_args, convert, cache_dir), tokenizer, block_size,
                                    pt_args.packing, stats):
             for ids in (chunk.tolist() if isinstance(chunk, np.ndarray) else chunk):
                 if data_args.max_train_samples is not None and n >= data_args.max_train_samples:
                     return
                 n += 1
                 yield {"input_ids": ids, "labels": ids}
-        stats.log("train (one pass of the stream)", block_size, n)
+        stats.log("train (one pass of the stream)", block_size, n, pt_args.packing)
 
     train = IterableDataset.from_generator(samples)
     evals = None
