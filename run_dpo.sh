@@ -8,11 +8,8 @@
 # inference.py --lora_model outputs-dpo-v1. On a machine without CUDA, training runs in float32.
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
-"$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29504}" dpo_training.py \
+. scripts/launch.sh
+launch 29504 dpo_training.py \
     --train_file_dir ./data/reward \
     --validation_split_percentage 10 \
     --per_device_train_batch_size 2 \

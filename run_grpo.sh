@@ -7,11 +7,8 @@
 # and training runs in float32; generation uses transformers (no vLLM needed).
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
-"$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29507}" grpo_training.py \
+. scripts/launch.sh
+launch 29507 grpo_training.py \
     --train_file_dir ./data/grpo \
     --train_samples -1 \
     --max_steps 10 \

@@ -3,5 +3,5 @@
 # Flags are passed to run_pipeline.py (python run_pipeline.py --help).
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+. scripts/launch.sh
 exec "$PYTHON" run_pipeline.py "$@"

@@ -9,7 +9,7 @@
 # updates in turn on one device. The defaults below take about 5 minutes on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+. scripts/launch.sh
 SFT_MODEL=${SFT_MODEL:-outputs-sft-v1}
 REWARD_MODEL=${REWARD_MODEL:-outputs-rm-v1}
 args=("$@")

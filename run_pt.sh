@@ -9,11 +9,8 @@
 # pass that flag to do the same).
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
-"$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29502}" pretraining.py \
+. scripts/launch.sh
+launch 29502 pretraining.py \
     --train_file_dir ./data/pretrain \
     --validation_split_percentage 10 \
     --per_device_train_batch_size 4 \

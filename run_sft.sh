@@ -7,11 +7,8 @@
 # are dropped and training runs in float32.
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
-"$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29501}" supervised_finetuning.py \
+. scripts/launch.sh
+launch 29501 supervised_finetuning.py \
     --train_file_dir ./data/finetune \
     --validation_file_dir ./data/finetune \
     --per_device_train_batch_size 4 \
