@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
-launch 29504 dpo_training.py \
+launch dpo_training.py \
     --train_file_dir ./data/reward \
     --validation_split_percentage 10 \
     --per_device_train_batch_size 2 \

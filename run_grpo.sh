@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
-launch 29507 grpo_training.py \
+launch grpo_training.py \
     --train_file_dir ./data/grpo \
     --train_samples -1 \
     --max_steps 10 \

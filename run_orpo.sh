@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
-launch 29505 orpo_training.py \
+launch orpo_training.py \
     --train_file_dir ./data/reward \
     --validation_split_percentage 10 \
     --per_device_train_batch_size 2 \

@@ -140,12 +140,12 @@ def main(argv=None):
     for name in ("dpo", "ppo", "orpo"):
         if name in stages:
             models[name.upper()] = p.path(name)
-    convs = [[{"role": "user", "content": q}] for q in QUESTIONS + [args.question]]
-    answers, finals = {}, {}
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    answers = {}
     for label, adapter in models.items():
         chat = ChatModel(sft, adapter, template_name=args.template_name, device="cpu" if not torch.cuda.is_available() else None)
         out = chat.chat(convs, options)
-        answers[label], finals[label] = out[:-1], out[-1]
+        answers[label] = out
         print(f"[pipeline] {label} answered {len(QUESTIONS)} questions", flush=True)
         del chat
         gc.collect()
@@ -153,7 +153,7 @@ def main(argv=None):
     if "rm" in stages or "ppo" in stages:
         from medgpt.reward import RewardScorer
         scorer = RewardScorer(p.path("rm"))
-        prompts = [scorer.build_prompt(c) for c in convs[:-1]]
+        prompts = [scorer.build_prompt(c) for c in convs]
         rewards = {label: float(scorer.score(prompts, ans).mean()) for label, ans in answers.items()}
         del scorer
     stage_dirs = [("PT", "pt"), ("SFT", "sft"), ("RM", "rm"), ("PPO", "ppo"), ("DPO", "dpo"), ("ORPO", "orpo")]
@@ -169,8 +169,13 @@ def main(argv=None):
     p.banner(f"Done in {p.timings['total'] / 60:.1f} min. Report: {report}")
     if rewards:
         print("Mean reward of the answers: " + ", ".join(f"{k} {v:+.3f}" for k, v in rewards.items()))
-    # the final chat answer, from the end of the RLHF chain
-    print(f"\nUser: {args.question}\nAssistant ({final_model} model): {finals[final_model]}", flush=True)
+    # the final chat answer, from the end of the RLHF chain, printed by inference.py as a user would run it
+    adapter = models[final_model]
+    cmd = [sys.executable, "inference.py", "--base_model", sft, "--with_prompt", "--temperature", "0",
+           "--repetition_penalty", "1.1", "--max_new_tokens", str(args.max_new_tokens), "--prompt", args.question]
+    cmd += ["--lora_model", adapter] if adapter else []
+    print(f"\n[pipeline] {' '.join(cmd)}\nUser: {args.question}\nAssistant ({final_model} model):", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, stderr=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

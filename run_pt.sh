@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
-launch 29502 pretraining.py \
+launch pretraining.py \
     --train_file_dir ./data/pretrain \
     --validation_split_percentage 10 \
     --per_device_train_batch_size 4 \

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
-launch 29503 reward_modeling.py \
+launch reward_modeling.py \
     --train_file_dir ./data/reward \
     --validation_split_percentage 10 \
     --per_device_train_batch_size 4 \

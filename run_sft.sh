@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
-launch 29501 supervised_finetuning.py \
+launch supervised_finetuning.py \
     --train_file_dir ./data/finetune \
     --validation_file_dir ./data/finetune \
     --per_device_train_batch_size 4 \
