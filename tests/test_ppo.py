@@ -298,3 +298,33 @@ def test_prompt_rows_take_system_and_first_user_turn():
     assert row["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"}]
     assert ppo_training.prompt_row({"question": "q", "answer": "a"}, "f:2")["messages"] == [{"role": "user", "content": "q"}]
     assert ppo_training.prompt_row({"instruction": "do", "input": "x", "output": "y"}, "f:3")["messages"][-1]["content"] == "do\nx"
+
+
+@pytest.mark.parametrize("argv", [
+    # MedicalGPT's run_ppo.sh, trl-PPOTrainer era
+    "--sft_model_path sft --reward_model_path rm --template_name qwen --torch_dtype bfloat16 --train_file_dir d "
+    "--validation_file_dir d --max_source_length 1024 --response_length 1000 --per_device_train_batch_size 1 "
+    "--gradient_accumulation_steps 4 --gradient_checkpointing True --do_train --total_episodes 30000 --output_dir o "
+    "--missing_eos_penalty 1.0 --eval_strategy steps --eval_steps 100 --num_train_epochs 3 --report_to tensorboard",
+    # MedicalGPT's older run_ppo.sh (trl 0.x PPOTrainer)
+    "--model_type auto --model_name_or_path m --reward_model_name_or_path rm --template_name qwen --torch_dtype float16 "
+    "--device_map auto --train_file_dir d --validation_file_dir d --batch_size 8 --max_source_length 2056 "
+    "--max_target_length 256 --max_train_samples 1000 --use_peft True --lora_rank 8 --lora_alpha 16 --lora_dropout 0.05 "
+    "--do_train --max_steps 100 --learning_rate 1e-5 --save_steps 50 --output_dir o --early_stopping True "
+    "--target_kl 0.1 --reward_baseline 0.0 --init_kl_coef 0.2",
+])
+def test_medicalgpt_ppo_flags_parse(argv):
+    from transformers import TrainingArguments
+
+    from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
+    from medgpt.ppo import PPOArguments
+
+    model_args, data_args, lora_args, ppo, targs, _ = parse_args(
+        ModelArguments, DataArguments, LoraArguments, PPOArguments, TrainingArguments, argv=argv.split())
+    assert ppo.reward_model_path == "rm" and ppo.template_name == "qwen"
+    if "--total_episodes" in argv:
+        assert (ppo.sft_model_path, ppo.response_length, ppo.total_episodes) == ("sft", 1000, 30000)
+        assert ppo.missing_eos_penalty == 1.0 and targs.gradient_accumulation_steps == 4
+    else:
+        assert (ppo.batch_size, ppo.response_length, ppo.kl_coef, targs.max_steps) == (8, 256, 0.2, 100)
+        assert ppo.early_stopping and ppo.target_kl == 0.1
