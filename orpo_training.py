@@ -16,7 +16,7 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, Preference
 from medgpt.cli import run_main
 from medgpt.data.preference import build_preference_datasets
 from medgpt.data.sft import IGNORE_INDEX
-from medgpt.modeling import apply_lora, load_model, load_tokenizer
+from medgpt.modeling import apply_lora, load_model, load_tokenizer, trainable_to_float32_on_cpu
 from medgpt.templates import get_conv_template
 from medgpt.training import prepare_run, train_and_save
 
@@ -62,6 +62,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
+    trainable_to_float32_on_cpu(trainer.model)  # QLoRA on a CPU
     train_and_save(trainer, training_args, resume, tokenizer, perplexity=False,
                    run_info={"template_name": pref_args.template_name, "stage": "orpo"})
 

@@ -15,7 +15,7 @@ from trl import RewardConfig, RewardTrainer
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args
 from medgpt.cli import run_main
 from medgpt.data.preference import build_preference_datasets
-from medgpt.modeling import apply_lora, load_model, load_tokenizer
+from medgpt.modeling import apply_lora, load_model, load_tokenizer, trainable_to_float32_on_cpu
 from medgpt.templates import get_conv_template
 from medgpt.training import prepare_run, train_and_save
 
@@ -50,6 +50,7 @@ def main(argv=None):
         eval_dataset=join_prompt(eval_dataset),
         processing_class=tokenizer,
     )
+    trainable_to_float32_on_cpu(trainer.model)  # QLoRA on a CPU
     train_and_save(trainer, training_args, resume, tokenizer, perplexity=False, run_info={
         "template_name": pref_args.template_name, "stage": "reward", "max_length": training_args.max_length})
 

@@ -189,3 +189,14 @@ def apply_lora(model, lora_args, training_args=None, task_type: str = "CAUSAL_LM
     total = sum(p.numel() for p in model.parameters())
     logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     return model
+
+
+def trainable_to_float32_on_cpu(model) -> None:
+    """TRL's trainers (DPO, ORPO, Reward, ...) turn the trainable weights of a 4/8-bit model into bfloat16, the QLoRA
+    paper's choice for GPUs. On a machine without CUDA training runs in float32 without autocast: a bf16 head fed
+    float32 activations fails (a reward model's `score`), and bf16 matmuls are ~300x slower. Put them back to float32."""
+    if has_cuda() or not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16:
+            param.data = param.data.float()

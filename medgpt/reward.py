@@ -60,8 +60,16 @@ class RewardScorer:
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(torch_dtype) if self.device.type == "cuda" else torch.float32
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        if is_adapter:  # the base has no `score` weights yet (they come with the adapter): no "MISSING" report
+            hf_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         if is_adapter:
             from peft import PeftModel
 

@@ -4,7 +4,6 @@ the base), ORPO applies --orpo_beta and saves an adapter that inference loads.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,20 +12,18 @@ from conftest import run_script
 from medgpt.data.io import find_data_files, load_records
 from medgpt.data.preference import encode_pair, preference_row
 from medgpt.templates import get_conv_template
+from test_reward_model import sample_pairs
 
-ROOT = Path(__file__).resolve().parents[1]
+MAX_LENGTH, MAX_PROMPT_LENGTH = 112, 64
 COMMON = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--report_to", "none",
-          "--gradient_checkpointing", "False", "--max_length", "160", "--max_prompt_length", "80", "--seed", "0",
-          "--logging_steps", "1", "--save_strategy", "no", "--dataloader_num_workers", "0"]
+          "--gradient_checkpointing", "False", "--max_length", str(MAX_LENGTH), "--max_prompt_length",
+          str(MAX_PROMPT_LENGTH), "--seed", "0", "--logging_steps", "1", "--save_strategy", "no",
+          "--dataloader_num_workers", "0"]
 
 
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dpo-data")
-    lines = (ROOT / "data/reward/medical_preference.jsonl").read_text(encoding="utf-8").splitlines()[:3]
-    lines += (ROOT / "data/reward/medical_preference_conversations.jsonl").read_text(encoding="utf-8").splitlines()[:1]
-    (d / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return d
+    return sample_pairs(tmp_path_factory.mktemp("dpo-data"), 3, 1)
 
 
 def completion_logps(model, pairs):
@@ -49,16 +46,18 @@ def test_dpo_raises_the_reward_margin_and_saves_a_loadable_adapter(tmp_path, tin
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    import dpo_training
+
     out = tmp_path / "dpo"
-    run_script("dpo_training.py", "--model_name_or_path", tiny_model_dir, "--train_file_dir", str(pairs_dir),
-               "--output_dir", str(out), "--do_train", "--max_steps", "6", "--learning_rate", "5e-3",
-               "--beta", "0.1", "--warmup_steps", "0", *COMMON)
+    dpo_training.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(pairs_dir), "--output_dir",
+                       str(out), "--do_train", "--max_steps", "4", "--learning_rate", "5e-3", "--beta", "0.1",
+                       "--warmup_steps", "0", *COMMON])
     assert (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "medgpt_run.json").read_text())["template_name"] == "chatml"
 
     template = get_conv_template("chatml")
     rows = load_records(find_data_files(str(pairs_dir)), preference_row)
-    pairs = [encode_pair(r, smol_tokenizer, template, 160, 80) for r in rows]
+    pairs = [encode_pair(r, smol_tokenizer, template, MAX_LENGTH, MAX_PROMPT_LENGTH) for r in rows]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ref = completion_logps(base, pairs)
     policy = PeftModel.from_pretrained(base, str(out)).eval()
@@ -90,7 +89,7 @@ def test_dpo_batches_hold_one_template_and_one_end_of_turn(tiny_model_dir, pairs
     model_args, data_args, lora_args, pref_args, args, _ = parse_args(
         ModelArguments, DataArguments, LoraArguments, PreferenceArguments, DPOConfig,
         argv=["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(pairs_dir), "--output_dir",
-              str(tmp_path), "--do_train", *COMMON])
+              str(tmp_path), "--do_train", *COMMON, "--max_length", "512", "--max_prompt_length", "256"])
     tok = load_tokenizer(model_args)
     train, _ = build_preference_datasets(data_args, pref_args, tok, get_conv_template("chatml"), args)
     model = apply_lora(load_model(model_args), lora_args, args)
@@ -110,10 +109,12 @@ def test_orpo_uses_orpo_beta_and_saves_a_loadable_adapter(tmp_path, tiny_model_d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    import orpo_training
+
     out = tmp_path / "orpo"
-    run_script("orpo_training.py", "--model_name_or_path", tiny_model_dir, "--train_file_dir", str(pairs_dir),
-               "--validation_file_dir", str(pairs_dir), "--output_dir", str(out), "--do_train", "--do_eval",
-               "--max_steps", "2", "--learning_rate", "1e-3", "--orpo_beta", "0.25", *COMMON)
+    orpo_training.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(pairs_dir),
+                        "--validation_file_dir", str(pairs_dir), "--output_dir", str(out), "--do_train", "--do_eval",
+                        "--max_steps", "2", "--learning_rate", "1e-3", "--orpo_beta", "0.25", *COMMON])
     assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
     metrics = json.loads((out / "eval_results.json").read_text())
     # rewards are beta * mean log-probability of the reply: --orpo_beta reached ORPOConfig.beta

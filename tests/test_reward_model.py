@@ -19,22 +19,28 @@ COMMON = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", 
           "--logging_steps", "5", "--save_strategy", "no", "--dataloader_num_workers", "0"]
 
 
+def sample_pairs(directory: Path, n_flat: int, n_conversations: int) -> Path:
+    """The first pairs of both sample files (data/reward) in one file under `directory`."""
+    lines = (ROOT / "data/reward/medical_preference.jsonl").read_text(encoding="utf-8").splitlines()[:n_flat]
+    lines += (ROOT / "data/reward/medical_preference_conversations.jsonl").read_text(
+        encoding="utf-8").splitlines()[:n_conversations]
+    (directory / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory):
-    """Eight pairs of the sample data (both formats)."""
-    d = tmp_path_factory.mktemp("rm-data")
-    lines = (ROOT / "data/reward/medical_preference.jsonl").read_text(encoding="utf-8").splitlines()[:5]
-    lines += (ROOT / "data/reward/medical_preference_conversations.jsonl").read_text(encoding="utf-8").splitlines()[:3]
-    (d / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return d
+    return sample_pairs(tmp_path_factory.mktemp("rm-data"), 5, 3)
 
 
 @pytest.fixture(scope="module")
 def trained_rm(tmp_path_factory, tiny_model_dir, pairs_dir):
+    import reward_modeling
+
     out = tmp_path_factory.mktemp("rm") / "out"
-    run_script("reward_modeling.py", "--model_name_or_path", tiny_model_dir, "--train_file_dir", str(pairs_dir),
-               "--validation_file_dir", str(pairs_dir), "--output_dir", str(out), "--do_train", "--do_eval",
-               "--max_steps", "30", "--learning_rate", "3e-3", "--warmup_steps", "0", *COMMON)
+    reward_modeling.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(pairs_dir),
+                          "--validation_file_dir", str(pairs_dir), "--output_dir", str(out), "--do_train", "--do_eval",
+                          "--max_steps", "12", "--learning_rate", "5e-3", "--warmup_steps", "0", *COMMON])
     return out
 
 
@@ -84,12 +90,14 @@ def test_scorer_appends_the_end_of_turn_and_batches_consistently(trained_rm):
 def test_full_reward_model_saves_and_scores(tmp_path, tiny_model_dir, pairs_dir):
     from medgpt.reward import load_reward_model
 
+    import reward_modeling
+
     out = tmp_path / "full"
-    run_script("reward_modeling.py", "--model_name_or_path", tiny_model_dir, "--train_file_dir", str(pairs_dir),
-               "--output_dir", str(out), "--do_train", "--use_peft", "False", "--max_steps", "2", *COMMON)
+    reward_modeling.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(pairs_dir),
+                          "--output_dir", str(out), "--do_train", "--use_peft", "False", "--max_steps", "2", *COMMON])
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     config = json.loads((out / "config.json").read_text())
-    assert config["num_labels"] == 1 or len(config.get("id2label", {})) == 1
+    assert config.get("num_labels", len(config.get("id2label", {}))) == 1
     assert config["pad_token_id"] is not None
     scorer = load_reward_model(str(out))
     chosen, rejected = score_pairs(scorer, pairs_dir)
