@@ -14,12 +14,9 @@ import logging
 
 from trl import DPOConfig, DPOTrainer
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args
 from medgpt.cli import run_main
-from medgpt.data.preference import build_preference_datasets
-from medgpt.modeling import apply_lora, load_model, load_tokenizer, trainable_to_float32_on_cpu
-from medgpt.templates import get_conv_template
-from medgpt.training import prepare_run, train_and_save
+from medgpt.data.preference import prepare_preference_stage, train_preference_stage
+from medgpt.modeling import apply_lora, load_model
 
 logger = logging.getLogger("medgpt.dpo")
 
@@ -36,29 +33,20 @@ class PretokenizedDPOTrainer(DPOTrainer):
 
 
 def main(argv=None):
-    model_args, data_args, lora_args, pref_args, training_args, compat = parse_args(
-        ModelArguments, DataArguments, LoraArguments, PreferenceArguments, DPOConfig, argv=argv)
-    resume = prepare_run(training_args, compat)
-    template = get_conv_template(pref_args.template_name)
-    tokenizer = load_tokenizer(model_args)
-    train_dataset, eval_dataset = build_preference_datasets(data_args, pref_args, tokenizer, template, training_args)
-
-    model = load_model(model_args)
-    model = apply_lora(model, lora_args, training_args)
+    run = prepare_preference_stage(DPOConfig, argv)
+    model = apply_lora(load_model(run.model_args), run.lora_args, run.training_args)
     ref_model = None
-    if not lora_args.use_peft and not training_args.precompute_ref_log_probs:
-        ref_model = load_model(model_args)  # full training: a frozen copy of the starting model
+    if not run.lora_args.use_peft and not run.training_args.precompute_ref_log_probs:
+        ref_model = load_model(run.model_args)  # full training: a frozen copy of the starting model
     trainer = PretokenizedDPOTrainer(
         model=model,
         ref_model=ref_model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
+        args=run.training_args,
+        train_dataset=run.train_dataset,
+        eval_dataset=run.eval_dataset,
+        processing_class=run.tokenizer,
     )
-    trainable_to_float32_on_cpu(trainer.model)  # QLoRA on a CPU
-    train_and_save(trainer, training_args, resume, tokenizer, perplexity=False,
-                   run_info={"template_name": pref_args.template_name, "stage": "dpo"})
+    train_preference_stage(trainer, run, "dpo")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,10 @@ import logging
 
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args
 from medgpt.cli import run_main
-from medgpt.data.preference import build_preference_datasets
+from medgpt.data.preference import prepare_preference_stage, train_preference_stage
 from medgpt.data.sft import IGNORE_INDEX
-from medgpt.modeling import apply_lora, load_model, load_tokenizer, trainable_to_float32_on_cpu
-from medgpt.templates import get_conv_template
-from medgpt.training import prepare_run, train_and_save
+from medgpt.modeling import apply_lora, load_model
 
 logger = logging.getLogger("medgpt.orpo")
 
@@ -42,29 +39,20 @@ class PretokenizedORPOTrainer(ORPOTrainer):
 
 
 def main(argv=None):
-    model_args, data_args, lora_args, pref_args, training_args, compat = parse_args(
-        ModelArguments, DataArguments, LoraArguments, PreferenceArguments, ORPOConfig, argv=argv)
-    if pref_args.orpo_beta is not None:
-        training_args.beta = pref_args.orpo_beta
-    resume = prepare_run(training_args, compat)
-    template = get_conv_template(pref_args.template_name)
-    tokenizer = load_tokenizer(model_args)
-    train_dataset, eval_dataset = build_preference_datasets(data_args, pref_args, tokenizer, template, training_args)
-
-    model = load_model(model_args)
+    run = prepare_preference_stage(ORPOConfig, argv)
+    if run.pref_args.orpo_beta is not None:
+        run.training_args.beta = run.pref_args.orpo_beta
+    model = load_model(run.model_args)
     if model.config.is_encoder_decoder:
         raise SystemExit("error: orpo_training.py trains decoder-only (causal) language models")
-    model = apply_lora(model, lora_args, training_args)
     trainer = PretokenizedORPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
+        model=apply_lora(model, run.lora_args, run.training_args),
+        args=run.training_args,
+        train_dataset=run.train_dataset,
+        eval_dataset=run.eval_dataset,
+        processing_class=run.tokenizer,
     )
-    trainable_to_float32_on_cpu(trainer.model)  # QLoRA on a CPU
-    train_and_save(trainer, training_args, resume, tokenizer, perplexity=False,
-                   run_info={"template_name": pref_args.template_name, "stage": "orpo"})
+    train_preference_stage(trainer, run, "orpo")
 
 
 if __name__ == "__main__":

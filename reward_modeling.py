@@ -12,12 +12,9 @@ import logging
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from medgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args
 from medgpt.cli import run_main
-from medgpt.data.preference import build_preference_datasets
-from medgpt.modeling import apply_lora, load_model, load_tokenizer, trainable_to_float32_on_cpu
-from medgpt.templates import get_conv_template
-from medgpt.training import prepare_run, train_and_save
+from medgpt.data.preference import prepare_preference_stage, train_preference_stage
+from medgpt.modeling import apply_lora, load_model
 
 logger = logging.getLogger("medgpt.rm")
 
@@ -32,27 +29,20 @@ def join_prompt(dataset):
 
 
 def main(argv=None):
-    model_args, data_args, lora_args, pref_args, training_args, compat = parse_args(
-        ModelArguments, DataArguments, LoraArguments, PreferenceArguments, RewardConfig, argv=argv)
-    resume = prepare_run(training_args, compat)
-    template = get_conv_template(pref_args.template_name)
-    tokenizer = load_tokenizer(model_args)
-    train_dataset, eval_dataset = build_preference_datasets(data_args, pref_args, tokenizer, template, training_args)
-
-    model = load_model(model_args, AutoModelForSequenceClassification,
-                       config_overrides={"num_labels": 1, "pad_token_id": tokenizer.pad_token_id})
+    run = prepare_preference_stage(RewardConfig, argv)
+    model = load_model(run.model_args, AutoModelForSequenceClassification,
+                       config_overrides={"num_labels": 1, "pad_token_id": run.tokenizer.pad_token_id})
     # LoRA with task SEQ_CLS: peft trains the new `score` head in full and saves it with the adapter.
-    model = apply_lora(model, lora_args, training_args, task_type="SEQ_CLS")
+    model = apply_lora(model, run.lora_args, run.training_args, task_type="SEQ_CLS")
     trainer = RewardTrainer(
         model=model,
-        args=training_args,
-        train_dataset=join_prompt(train_dataset),
-        eval_dataset=join_prompt(eval_dataset),
-        processing_class=tokenizer,
+        args=run.training_args,
+        train_dataset=join_prompt(run.train_dataset),
+        eval_dataset=join_prompt(run.eval_dataset),
+        processing_class=run.tokenizer,
     )
-    trainable_to_float32_on_cpu(trainer.model)  # QLoRA on a CPU
-    train_and_save(trainer, training_args, resume, tokenizer, perplexity=False, run_info={
-        "template_name": pref_args.template_name, "stage": "reward", "max_length": training_args.max_length})
+    # the scorer truncates as training did
+    train_preference_stage(trainer, run, "reward", max_length=run.training_args.max_length)
 
 
 if __name__ == "__main__":

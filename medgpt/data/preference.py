@@ -231,3 +231,38 @@ def build_preference_datasets(data_args, pref_args, tokenizer, template, trainin
     if training_args.do_train and train is None:
         raise DataError("no training pairs: the training data is empty")
     return train, evals
+
+
+# ---------------------------------------------------------------------------------------------------
+# What reward_modeling.py, dpo_training.py and orpo_training.py share around their trainer
+
+def prepare_preference_stage(config_class, argv=None):
+    """Parse the flags (model, data, LoRA, preference and the TRL `config_class`), prepare the run (logging, seed,
+    resume) and tokenize the pairs. Returns a namespace: model_args, data_args, lora_args, pref_args, training_args,
+    resume, template, tokenizer, train_dataset, eval_dataset."""
+    from types import SimpleNamespace
+
+    from ..args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args
+    from ..modeling import load_tokenizer
+    from ..templates import get_conv_template
+    from ..training import prepare_run
+
+    model_args, data_args, lora_args, pref_args, training_args, compat = parse_args(
+        ModelArguments, DataArguments, LoraArguments, PreferenceArguments, config_class, argv=argv)
+    resume = prepare_run(training_args, compat)
+    template = get_conv_template(pref_args.template_name)
+    tokenizer = load_tokenizer(model_args)
+    train_dataset, eval_dataset = build_preference_datasets(data_args, pref_args, tokenizer, template, training_args)
+    return SimpleNamespace(model_args=model_args, data_args=data_args, lora_args=lora_args, pref_args=pref_args,
+                           training_args=training_args, resume=resume, template=template, tokenizer=tokenizer,
+                           train_dataset=train_dataset, eval_dataset=eval_dataset)
+
+
+def train_preference_stage(trainer, run, stage: str, **run_info) -> None:
+    """Train, save (with medgpt_run.json: template, stage) and evaluate."""
+    from ..modeling import trainable_to_float32_on_cpu
+    from ..training import train_and_save
+
+    trainable_to_float32_on_cpu(trainer.model)  # QLoRA on a CPU
+    train_and_save(trainer, run.training_args, run.resume, run.tokenizer, perplexity=False,
+                   run_info={"template_name": run.pref_args.template_name, "stage": stage, **run_info})
