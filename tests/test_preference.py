@@ -177,3 +177,23 @@ def test_build_datasets_holds_out_eval_pairs(tmp_path, smol_tokenizer):
     assert args.max_length == 96
     assert all(len(p) <= 64 and len(p) + len(c) <= 96 for p, c in zip(train["prompt_ids"], train["chosen_ids"]))
     assert os.path.isdir(tmp_path)
+
+
+def test_trl_configs_parse_with_the_shared_dataclasses():
+    """--trust_remote_code is in ModelArguments and in TRL's configs: parsed once, given to both; TRL's bf16
+    default (True) becomes False on a machine without CUDA; --orpo_beta and MedicalGPT's length flags parse."""
+    import torch
+    from trl import DPOConfig, RewardConfig
+    from trl.experimental.orpo import ORPOConfig
+
+    from medgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args
+
+    for config in (DPOConfig, RewardConfig, ORPOConfig):
+        model_args, _, _, pref, args, _ = parse_args(
+            ModelArguments, DataArguments, LoraArguments, PreferenceArguments, config,
+            argv=["--output_dir", "unused", "--trust_remote_code", "True", "--orpo_beta", "0.2",
+                  "--max_source_length", "64", "--max_target_length", "32", "--template_name", "qwen"])
+        assert type(model_args) is ModelArguments and model_args.trust_remote_code and args.trust_remote_code
+        assert (pref.orpo_beta, pref.max_source_length, pref.template_name) == (0.2, 64, "qwen")
+        if not torch.cuda.is_available():
+            assert args.bf16 is False
