@@ -4,7 +4,8 @@
 #   From an SFT LoRA:  bash run_grpo.sh --peft_path outputs-sft-v1
 #   GPU node:          NPROC=2 CUDA_VISIBLE_DEVICES=0,1 bash run_grpo.sh --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --template_name qwen --torch_dtype bfloat16 --bf16 True --max_steps -1 --num_train_epochs 1 --max_completion_length 512
 # Extra flags are appended and override the defaults below. On a machine without CUDA, --bf16/--fp16 are dropped
-# and training runs in float32; generation uses transformers (no vLLM needed).
+# and training runs in float32; generation uses transformers (no vLLM needed). About 4-5 minutes on a 2-core CPU;
+# on a CPU busy with other jobs, OMP_NUM_THREADS=1 bash run_grpo.sh is much faster.
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh

@@ -6,7 +6,8 @@
 #   GPU:            bash run_ppo.sh --batch_size 16 --mini_batch_size 4 --response_length 256 --max_steps 200 --torch_dtype bfloat16
 # The SFT output may be a LoRA adapter (PPO continues it; the result is an adapter for inference.py --lora_model)
 # or a full/merged model. PPO runs as one process (plain python, not torchrun): the loop generates, scores and
-# updates in turn on one device. The defaults below take about 5 minutes on a 2-core CPU.
+# updates in turn on one device. The defaults below take 3-6 minutes on a 2-core CPU; on a CPU busy with other
+# jobs, OMP_NUM_THREADS=1 bash run_ppo.sh is much faster (two threads per process then wait on each other).
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
