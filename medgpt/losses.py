@@ -8,7 +8,10 @@ of real tokens in chat SFT, none of the padding) enter the loss. transformers mo
 scaling, if any) runs on those positions only; the cross-entropy is then summed and divided by the
 same token count the Trainer uses for its own loss (`num_items_in_batch`), so the loss, and so
 training, is the same as the model's loss on full logits up to float error. Hand-written because
-neither transformers' Trainer nor its loss functions select positions before the head.
+transformers' Trainer and loss functions do not select positions before the head, and TRL's
+`add_fused_lm_head` (tiled log-probs) skips unsupervised positions only on Triton devices: on CPU it
+projects every position, so the head costs as much as full logits there. With packed rows of at
+most --max_packed_tokens, the kept logits are small ([<=511, vocab] per row), so no tiling is needed.
 """
 from __future__ import annotations
 
