@@ -6,30 +6,21 @@
 Start from the SFT model: a merged folder as --model_name_or_path, or the SFT adapter as --peft_path (it is trained
 further). With LoRA no second model is loaded: the reference is the starting point (TRL keeps a frozen copy of the
 adapter, only LoRA-sized, or disables it). Logs rewards/accuracies and rewards/margins; the output adapter is used
-by inference.py (--lora_model) like an SFT adapter.
+by inference.py (--lora_model) like an SFT adapter. Batches are packed (each pair once as prompt + chosen + rejected,
+no padding; medgpt/dpo.py); --packing False gives TRL's padded batches.
 """
 from __future__ import annotations
 
 import logging
 
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 
 from medgpt.cli import run_main
+from medgpt.dpo import MedDPOTrainer
 from medgpt.data.preference import prepare_preference_stage, train_preference_stage
 from medgpt.modeling import apply_lora, load_model
 
 logger = logging.getLogger("medgpt.dpo")
-
-
-class PretokenizedDPOTrainer(DPOTrainer):
-    """DPOTrainer fed with medgpt's tokenization (prompt_ids/chosen_ids/rejected_ids, medgpt.data.preference).
-
-    TRL's text path would add the tokenizer's special tokens to the rendered prompt (a second BOS after templates that
-    write it, e.g. llama3), append the eos after replies that already end with the template's end-of-turn (chatml:
-    "<|im_end|>\\n" + "<|im_end|>"), and has no prompt-length limit; so the prepared columns go in unchanged."""
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset
 
 
 def main(argv=None):
@@ -38,7 +29,10 @@ def main(argv=None):
     ref_model = None
     if not run.lora_args.use_peft and not run.training_args.precompute_ref_log_probs:
         ref_model = load_model(run.model_args)  # full training: a frozen copy of the starting model
-    trainer = PretokenizedDPOTrainer(
+    packing = run.pref_args.packing or run.training_args.padding_free
+    run.training_args.padding_free = False  # TRL 1.16 disables its own padding-free mode; ours is MedDPOTrainer's
+    trainer = MedDPOTrainer(
+        packing=packing,
         model=model,
         ref_model=ref_model,
         args=run.training_args,

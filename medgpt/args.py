@@ -132,6 +132,10 @@ class PreferenceArguments:
     max_target_length: Optional[int] = field(
         default=None, metadata={"help": "MedicalGPT: maximum reply tokens; with it, --max_length defaults to prompt + "
                                         "reply (an explicit --max_length wins)."})
+    packing: bool = field(
+        default=True, metadata={"help": "DPO: pack each batch padding-free, every pair as one prompt + chosen + rejected "
+                                        "segment (the prompt encoded once; exact, see medgpt/dpo.py); False: TRL's padded "
+                                        "batches. TRL's --padding_free True means the same."})
     orpo_beta: Optional[float] = field(
         default=None, metadata={"help": "ORPO only: weight of the odds-ratio term (lambda in the paper); sets --beta."})
     tool_format: Optional[str] = field(

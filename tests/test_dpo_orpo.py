@@ -93,7 +93,8 @@ def test_dpo_batches_hold_one_template_and_one_end_of_turn(tiny_model_dir, pairs
     tok = load_tokenizer(model_args)
     train, _ = build_preference_datasets(data_args, pref_args, tok, get_conv_template("chatml"), args)
     model = apply_lora(load_model(model_args), lora_args, args)
-    trainer = dpo_training.PretokenizedDPOTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
+    trainer = dpo_training.MedDPOTrainer(packing=False, model=model, args=args, train_dataset=train,
+                                         processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 8  # 4 chosen + 4 rejected
     for ids, mask, comp in zip(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]):
@@ -103,6 +104,87 @@ def test_dpo_batches_hold_one_template_and_one_end_of_turn(tiny_model_dir, pairs
         assert text.startswith("<|im_start|>system\n") and text.count("<|im_start|>system") == 1
         assert reply.endswith("<|im_end|>\n") and reply.count("<|im_end|>") == 1
         assert text.endswith("<|im_start|>assistant\n" + reply)
+
+
+def _dpo_setup(tiny_model_dir, pairs_dir, tmp_path, *flags):
+    from trl import DPOConfig
+
+    from medgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args
+    from medgpt.data.preference import build_preference_datasets
+    from medgpt.modeling import apply_lora, load_model, load_tokenizer
+
+    model_args, data_args, lora_args, pref_args, args, _ = parse_args(
+        ModelArguments, DataArguments, LoraArguments, PreferenceArguments, DPOConfig,
+        argv=["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(pairs_dir), "--output_dir",
+              str(tmp_path), "--do_train", *COMMON, *flags])
+    tok = load_tokenizer(model_args)
+    train, _ = build_preference_datasets(data_args, pref_args, tok, get_conv_template("chatml"), args)
+    model = apply_lora(load_model(model_args), lora_args, args)
+    return model, args, tok, train
+
+
+def _perturb_adapter(model):
+    """The same non-identity adapter ('default') on every call, so the policy differs from the reference."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A.default" in name or "lora_B.default" in name:
+                param.normal_(0, 0.05)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_packed_pairs_give_the_log_probs_of_separate_sequences(tiny_model_dir, pairs_dir, tmp_path, window):
+    """Each pair packed once as prompt + chosen + rejected: every reply's summed log-prob equals the one from its own
+    prompt + reply sequence, so the rejected reply never sees the chosen one (also with a sliding window)."""
+    from medgpt.data.collator import enable_packing
+    from medgpt.dpo import PairPackingCollator, packed_pair_logps
+
+    model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path)
+    _perturb_adapter(model)
+    base = model.get_base_model()
+    if window:
+        base.config.sliding_window = window
+        base.config.use_sliding_window = True
+    model.eval()
+    pairs = [train[i] for i in range(len(train))]
+    alone = completion_logps(model, pairs)
+    assert enable_packing(model) == "varlen_sdpa"
+    batch = PairPackingCollator(args.max_length)(pairs)
+    assert batch["input_ids"].shape[1] == sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
+                                              for p in pairs)  # no pad, the prompt once
+    with torch.no_grad():
+        packed, stats = packed_pair_logps(model, batch, with_stats=True)
+    torch.testing.assert_close(packed.view(-1, 2), alone, atol=2e-4, rtol=1e-5)
+    assert stats["is_chosen"].sum() == sum(len(p["chosen_ids"]) for p in pairs)
+
+
+def test_packed_dpo_step_matches_trl_padded_step(tiny_model_dir, pairs_dir, tmp_path):
+    """The packed DPO loss, its LoRA gradients and the logged rewards equal those of TRL's padded batch."""
+    import dpo_training
+
+    results = []
+    for packing in (False, True):
+        model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path)
+        trainer = dpo_training.MedDPOTrainer(packing=packing, model=model, args=args, train_dataset=train,
+                                             processing_class=tok)
+        _perturb_adapter(model)  # after TRL's set-up: the reference is the base (adapter disabled)
+        assert trainer.packed == packing
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        model.train()
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
+        results.append((loss.item(), grads, metrics))
+    (loss_pad, grads_pad, m_pad), (loss_packed, grads_packed, m_packed) = results
+    assert loss_packed == pytest.approx(loss_pad, rel=1e-4)
+    assert grads_pad.keys() == grads_packed.keys() and len(grads_pad) > 0
+    for name in grads_pad:
+        torch.testing.assert_close(grads_packed[name], grads_pad[name], atol=1e-5, rtol=1e-3)
+    assert m_packed.keys() == m_pad.keys()
+    for key in m_pad:
+        assert m_packed[key] == pytest.approx(m_pad[key], rel=1e-3, abs=1e-4), key
 
 
 def test_orpo_uses_orpo_beta_and_saves_a_loadable_adapter(tmp_path, tiny_model_dir, pairs_dir):

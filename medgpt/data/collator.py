@@ -40,11 +40,14 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens
     within each sample only. Without boundaries it is transformers' sdpa attention, unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    pair_lens = kwargs.pop("pair_lens", None)
     if cu_seq_lens_q is None or query.shape[2] == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
         raise ValueError("packed attention expects one flattened row and no KV cache (pass use_cache=False)")
     window = kwargs.pop("sliding_window", None)
+    if pair_lens is not None:
+        return _shared_prefix_attention(module, query, key, value, pair_lens, window, **kwargs)
     lengths = torch.diff(cu_seq_lens_q).tolist()
     outputs = []
     # split (not one slice per sample): its backward is a single cat, where slices would each
@@ -57,6 +60,36 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens
             diff = pos[:, None] - pos[None, :]
             mask = ((diff >= 0) & (diff < window))[None, None]
         outputs.append(sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0])
+    return torch.cat(outputs, dim=1), None
+
+
+def _shared_prefix_attention(module, query, key, value, pair_lens, window, **kwargs):
+    """Attention over packed preference pairs, each laid out once as `prompt + chosen + rejected` (see
+    medgpt.dpo.PairPackingCollator): prompt and chosen attend causally as one sequence; the rejected tokens attend
+    to the prompt and causally to themselves, never to the chosen reply. So the prompt is encoded once per pair, and
+    both replies see exactly what they see in a separate `prompt + reply` sequence (their position ids continue
+    from the prompt)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    outputs = []
+    lengths = [p + c + r for p, c, r in pair_lens]
+    for (p, c, r), q, k, v in zip(pair_lens, query.split(lengths, dim=2), key.split(lengths, dim=2),
+                                  value.split(lengths, dim=2)):
+        first_mask = None
+        if window and p + c > window:
+            pos = torch.arange(p + c, device=q.device)
+            diff = pos[:, None] - pos[None, :]
+            first_mask = ((diff >= 0) & (diff < window))[None, None]
+        outputs.append(sdpa_attention_forward(module, q[:, :, :p + c], k[:, :, :p + c], v[:, :, :p + c],
+                                              first_mask, **kwargs)[0])
+        # rejected queries (positions p..p+r-1) over the prompt's keys and their own
+        q_pos = torch.arange(p, p + r, device=q.device)
+        k_pos = torch.cat([torch.arange(p, device=q.device), q_pos])
+        diff = q_pos[:, None] - k_pos[None, :]
+        mask = (diff >= 0) & (diff < window) if window else diff >= 0
+        keys = torch.cat([k[:, :, :p], k[:, :, p + c:]], dim=2)
+        values = torch.cat([v[:, :, :p], v[:, :, p + c:]], dim=2)
+        outputs.append(sdpa_attention_forward(module, q[:, :, p + c:], keys, values, mask[None, None], **kwargs)[0])
     return torch.cat(outputs, dim=1), None
 
 
