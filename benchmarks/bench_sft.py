@@ -115,10 +115,16 @@ def run_child(script, flags, output_dir, threads=None):
             "other_processes_cpu_s": round(max(0.0, _cpu_busy_seconds() - busy0 - cpu), 1),
             "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2),
             "train_runtime_s": metrics["train_runtime"], "train_loss": metrics["train_loss"],
-            "supervised_tokens": metrics["train_tokens_supervised"], "real_tokens": metrics["train_tokens_real"],
-            "processed_tokens": metrics["train_tokens_processed"], "pad_fraction": metrics["train_pad_fraction"],
-            "supervised_tokens_per_s": round(metrics["train_tokens_supervised"] / metrics["train_runtime"], 2),
-            "log": log_path}
+            "metrics": metrics, "log": log_path}
+
+
+def sft_run(script, flags, output_dir, threads=None):
+    run = run_child(script, flags, output_dir, threads)
+    metrics = run.pop("metrics")
+    run.update(supervised_tokens=metrics["train_tokens_supervised"], real_tokens=metrics["train_tokens_real"],
+               processed_tokens=metrics["train_tokens_processed"], pad_fraction=metrics["train_pad_fraction"],
+               supervised_tokens_per_s=round(metrics["train_tokens_supervised"] / metrics["train_runtime"], 2))
+    return run
 
 
 def heldout_losses(model_name, adapters: dict, heldout_dir, max_length, template_name="chatml"):
@@ -202,7 +208,7 @@ def main(argv=None):
     for r in range(args.repeat):
         for name in names if r % 2 == 0 else names[::-1]:
             print(f"training {name} ({RUNS[name]}), run {r + 1}/{args.repeat} ...", flush=True)
-            attempts[name].append(run_child(RUNS[name], flags, os.path.join(workdir, f"{name}-{r}"), args.threads))
+            attempts[name].append(sft_run(RUNS[name], flags, os.path.join(workdir, f"{name}-{r}"), args.threads))
             print(f"  {attempts[name][-1]['train_runtime_s']:.1f} s, peak RSS {attempts[name][-1]['peak_rss_gb']:.2f} GB, "
                   f"other processes' CPU {attempts[name][-1]['other_processes_cpu_s']:.1f} s", flush=True)
     for name, runs in attempts.items():
