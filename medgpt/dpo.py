@@ -28,7 +28,7 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from .data.collator import enable_packing
+from .data.collator import enable_packing, packing_mode
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class MedDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, packing: bool = True, **kwargs):
         model, config = kwargs.get("model"), kwargs.get("args")
-        why_not = self._packing_unsupported(config) if packing else None
+        why_not = self._packing_unsupported(config, model) if packing else None
         if packing and why_not:
             logger.warning("DPO packing off: %s; batches are padded", why_not)
         self.packed = False
@@ -129,7 +129,10 @@ class MedDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
 
     @staticmethod
-    def _packing_unsupported(config) -> str | None:
+    def _packing_unsupported(config, model) -> str | None:
+        mode, why = packing_mode(model)
+        if mode != "varlen_sdpa":  # the shared-prefix layout needs medgpt's sdpa attention (not flash-attn's varlen)
+            return why if mode is None else f"{why}, but a shared prompt needs sdpa attention"
         if list(config.loss_type) != ["sigmoid"]:
             return f"loss_type {config.loss_type} (packing implements 'sigmoid')"
         for flag, value in (("ld_alpha", config.ld_alpha), ("use_weighting", config.use_weighting),

@@ -25,6 +25,7 @@ from transformers import Trainer
 
 from .data.collator import TokenStats, base_pretrained_model, split_packed_batch
 from .data.sft import IGNORE_INDEX
+from .lora_cpu import FastCPUDropout, use_fast_cpu_dropout, use_fused_lora  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -63,50 +64,6 @@ def supervised_lm_loss(model, inputs: dict, num_items_in_batch=None):
     return loss / count, outputs
 
 
-class _Dropout(torch.autograd.Function):
-    """x * keep / (1 - p), keeping only the bool mask for backward (1 byte an element, not 4)."""
-
-    @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.where(keep, x, 0.0).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
-
-
-class FastCPUDropout(torch.nn.Dropout):
-    """Dropout for CPU tensors, hand-written because torch's CPU dropout draws one Mersenne-Twister
-    number per element on a single thread (measured: 16% of a LoRA SFT step on 2 cores, as much as all
-    the LoRA matmuls). Here each 64-bit draw gives four 16-bit uniforms, so drawing the mask costs a
-    seventh; an element is dropped with probability round(p * 65536) / 65536 (p=0.05: 0.050003).
-    The same seed gives the same masks. Other devices use torch's own (fused) dropout."""
-
-    def forward(self, x):
-        if not self.training or self.p == 0 or x.device.type != "cpu" or not x.is_floating_point():
-            return super().forward(x)
-        n = x.numel()
-        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
-        keep = draws.view(torch.int16)[:n].view(x.shape) >= round(self.p * 65536) - 32768
-        return _Dropout.apply(x, keep, 1.0 / (1.0 - self.p))
-
-
-def use_fast_cpu_dropout(model) -> int:
-    """Swap the LoRA dropouts of a PEFT model for FastCPUDropout; returns how many were swapped."""
-    swapped = 0
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict):
-            for name, dropout in list(dropouts.items()):
-                if type(dropout) is torch.nn.Dropout and dropout.p > 0:
-                    dropouts[name] = FastCPUDropout(dropout.p)
-                    swapped += 1
-    return swapped
-
-
 class TokenCountingTrainer(Trainer):
     """transformers' Trainer that counts the tokens of its training batches (processed, real,
     supervised; pad fraction) and adds them, with supervised tokens per second, to the train metrics."""
@@ -137,8 +94,11 @@ class LeanTrainer(TokenCountingTrainer):
     def __init__(self, *args, lean_loss: bool = True, max_packed_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_packed_tokens = max_packed_tokens
-        if self.args.device.type == "cpu" and use_fast_cpu_dropout(self.model):
-            logger.info("LoRA dropout: using FastCPUDropout (a multi-draw mask, same distribution)")
+        if self.args.device.type == "cpu":
+            if use_fast_cpu_dropout(self.model):
+                logger.info("LoRA dropout: using FastCPUDropout (a multi-draw mask, same distribution)")
+            if use_fused_lora(self.model):
+                logger.info("LoRA layers: one fused CPU op for dropout + A + B + scaling + add (medgpt/lora_cpu.py)")
         self.lean_loss = lean_loss and accepts_logits_to_keep(self.model)
         if lean_loss and not self.lean_loss:
             logger.warning("%s has no logits_to_keep argument: computing the loss on full logits",

@@ -224,3 +224,16 @@ def test_dpo_bad_pair_stops_with_file_and_line(tmp_path, tiny_model_dir):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert f"error: {data / 'p.json'}:12: the conversation must end with the user turn" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_dpo_packing_falls_back_to_padding_when_it_cannot_be_exact(tiny_model_dir, pairs_dir, tmp_path, caplog):
+    import dpo_training
+
+    model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path)
+    model.get_base_model().set_attn_implementation("eager")
+    trainer = dpo_training.MedDPOTrainer(packing=True, model=model, args=args, train_dataset=train, processing_class=tok)
+    assert not trainer.packed and "attention_mask" in next(iter(trainer.get_train_dataloader()))
+    model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path, "--loss_type", "ipo")
+    trainer = dpo_training.MedDPOTrainer(packing=True, model=model, args=args, train_dataset=train, processing_class=tok)
+    assert not trainer.packed
+    assert "DPO packing off" in caplog.text

@@ -222,3 +222,45 @@ def test_fast_cpu_dropout_keeps_dropout_semantics(smol_tokenizer):
     from medgpt.modeling import apply_lora
     model = apply_lora(_llama(smol_tokenizer), LoraArguments(lora_dropout=0.1), SimpleNamespace(gradient_checkpointing=False))
     assert use_fast_cpu_dropout(model) == 14  # 7 linear layers x 2 decoder layers
+
+
+@pytest.mark.parametrize("dropout,train", [(0.1, True), (0.0, True), (0.1, False)])
+def test_fused_lora_matches_peft(smol_tokenizer, dropout, train):
+    """The fused CPU LoRA layer gives peft's outputs and gradients (input, A, B), with the same dropout masks."""
+    from types import SimpleNamespace
+
+    from medgpt.args import LoraArguments
+    from medgpt.lora_cpu import use_fast_cpu_dropout, use_fused_lora
+    from medgpt.modeling import apply_lora
+
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = apply_lora(_llama(smol_tokenizer), LoraArguments(lora_dropout=dropout),
+                           SimpleNamespace(gradient_checkpointing=False))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.1)
+        use_fast_cpu_dropout(model)
+        if fused:
+            assert use_fused_lora(model) == 14
+        model.train(train)
+        ids = torch.randint(0, 1000, (2, 24))
+        torch.manual_seed(5)
+        out = model(input_ids=ids, labels=ids)
+        seen, stack = {}, [out.loss.grad_fn]
+        while stack:  # which autograd ops built the loss
+            node = stack.pop()
+            if node is not None and id(node) not in seen:
+                seen[id(node)] = type(node).__name__
+                stack += [next_fn for next_fn, _ in node.next_functions]
+        assert ("_LoRABranchBackward" in seen.values()) == fused
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.logits.detach(), grads))
+    (logits, grads), (fused_logits, fused_grads) = results
+    torch.testing.assert_close(fused_logits, logits, atol=1e-5, rtol=1e-4)
+    assert grads.keys() == fused_grads.keys() and any("lora_A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], atol=1e-6, rtol=1e-4)
