@@ -13,7 +13,6 @@ same pairs; afterwards both adapters are scored here on the same held-out pairs 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench_sft import machine, run_child, split_data  # noqa: E402
+from bench_sft import finish, new_results, print_table, run_child, split_data, train_sides  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/reward/dpo_zh_500.jsonl"
 RUNS = {"baseline": ["--packing", "False"], "ours": []}
@@ -108,60 +107,43 @@ def heldout_reward_accuracy(model_name, adapters: dict, heldout_dir, args):
     return results
 
 
+def dpo_run(name, flags, output_dir, threads):
+    run = run_child("dpo_training.py", flags + RUNS[name], output_dir, threads)
+    metrics = run.pop("metrics")
+    with open(os.path.join(output_dir, "trainer_state.json")) as f:
+        state = json.load(f)
+    steps = [e for e in state["log_history"] if "rewards/accuracies" in e and "loss" in e]
+    run.update(steps=state["global_step"], step_s=round(metrics["train_runtime"] / state["global_step"], 2),
+               steps_per_s=round(state["global_step"] / metrics["train_runtime"], 4),
+               train_tokens=int(steps[-1].get("num_tokens", 0)) if steps else None,
+               last_train_reward_accuracy=steps[-1]["rewards/accuracies"] if steps else None,
+               last_train_margin=steps[-1]["rewards/margins"] if steps else None)
+    return run
+
+
+DPO_ROWS = [("step time (s)", "step_s", "{:.2f}"), ("steps / s", "steps_per_s", "{:.4f}"),
+            ("train runtime (s)", "train_runtime_s", "{:.1f}"), ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
+            ("train loss", "train_loss", "{:.4f}"), ("last-step reward accuracy", "last_train_reward_accuracy", "{:.2f}"),
+            ("held-out reward accuracy", "heldout_reward_accuracy", "{:.4f}"),
+            ("held-out mean margin", "heldout_margin", "{:.5f}"),
+            ("other processes' CPU s", "other_processes_cpu_s", "{:.1f}")]
+
+
 def main(argv=None):
     args = parse(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_dpo-")
     dirs = split_data(args.data, args.num_samples, args.eval_samples, workdir)
     flags = common_flags(args, dirs["train"])
-    results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-               "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output")},
-               "flags": flags, "runs": {}}
+    results = new_results(args, flags)
     names = [args.only] if args.only else ["baseline", "ours"]
-    attempts = {name: [] for name in names}
-    for r in range(args.repeat):
-        for name in names if r % 2 == 0 else names[::-1]:
-            print(f"training {name} (dpo_training.py {' '.join(RUNS[name])}), run {r + 1}/{args.repeat} ...", flush=True)
-            run = run_child("dpo_training.py", flags + RUNS[name], os.path.join(workdir, f"{name}-{r}"), args.threads)
-            metrics = run.pop("metrics")
-            with open(os.path.join(workdir, f"{name}-{r}", "trainer_state.json")) as f:
-                state = json.load(f)
-            steps = [e for e in state["log_history"] if "rewards/accuracies" in e and "loss" in e]
-            run.update(steps=state["global_step"], step_s=round(metrics["train_runtime"] / state["global_step"], 2),
-                       steps_per_s=round(state["global_step"] / metrics["train_runtime"], 4),
-                       train_tokens=int(steps[-1].get("num_tokens", 0)) if steps else None,
-                       last_train_reward_accuracy=steps[-1]["rewards/accuracies"] if steps else None,
-                       last_train_margin=steps[-1]["rewards/margins"] if steps else None)
-            attempts[name].append(run)
-            print(f"  {run['train_runtime_s']:.1f} s ({run['step_s']} s/step), peak RSS {run['peak_rss_gb']:.2f} GB, "
-                  f"other processes' CPU {run['other_processes_cpu_s']:.1f} s", flush=True)
-    for name, runs in attempts.items():
-        best = dict(min(runs, key=lambda run: run["train_runtime_s"]))
-        rss = [run["peak_rss_gb"] for run in runs]
-        best["peak_rss_gb"] = max(rss) if name == "ours" else min(rss)
-        best["attempts"] = [{k: run[k] for k in ("train_runtime_s", "peak_rss_gb", "other_processes_cpu_s", "log")}
-                            for run in runs]
-        best["output_dir"] = os.path.join(workdir, f"{name}-{len(runs) - 1}")
-        results["runs"][name] = best
+    results["runs"] = train_sides(names, args.repeat, workdir,
+                                  lambda name, out: dpo_run(name, flags, out, args.threads))
     print("scoring the held-out pairs ...", flush=True)
     scores = heldout_reward_accuracy(args.model, {n: run["output_dir"] for n, run in results["runs"].items()},
                                      dirs["heldout"], args)
     results["heldout"] = scores
     for name, run in results["runs"].items():
         run.update(heldout_reward_accuracy=scores[name]["reward_accuracy"], heldout_margin=scores[name]["mean_margin"])
-    rows = [("step time (s)", "step_s", "{:.2f}"), ("steps / s", "steps_per_s", "{:.4f}"),
-            ("train runtime (s)", "train_runtime_s", "{:.1f}"), ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
-            ("train loss", "train_loss", "{:.4f}"), ("last-step reward accuracy", "last_train_reward_accuracy", "{:.2f}"),
-            ("held-out reward accuracy", "heldout_reward_accuracy", "{:.4f}"),
-            ("held-out mean margin", "heldout_margin", "{:.5f}"),
-            ("other processes' CPU s", "other_processes_cpu_s", "{:.1f}")]
-    print(f"\n{'':28}" + "".join(f"{n:>14}" for n in names) + ("        ratio" if len(names) == 2 else ""))
-    for label, key, fmt in rows:
-        vals = [results["runs"][n].get(key) for n in names]
-        line = f"{label:28}" + "".join(f"{fmt.format(v) if v is not None else '-':>14}" for v in vals)
-        if len(vals) == 2 and all(isinstance(v, (int, float)) and v for v in vals):
-            line += f"{vals[1] / vals[0]:>12.3f}x"
-        print(line)
-    ok = True
     if len(names) == 2:
         base, ours = results["runs"]["baseline"], results["runs"]["ours"]
         speed = ours["steps_per_s"] / base["steps_per_s"]
@@ -173,14 +155,8 @@ def main(argv=None):
             "same steps": {"value": f"{ours['steps']} vs {base['steps']}", "target": "equal",
                            "ok": ours["steps"] == base["steps"]},
         }
-        for name, check in results["checks"].items():
-            print(f"{'PASS' if check['ok'] else 'FAIL'}  {name}: {check['value']} (target {check['target']})")
-        ok = all(c["ok"] for c in results["checks"].values())
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=2, ensure_ascii=False)
-    print(f"results: {args.output}; logs and outputs: {workdir}")
-    return 0 if ok else 1
+    print_table(results["runs"], DPO_ROWS, no_ratio=())
+    return finish(results, args.output, workdir)
 
 
 if __name__ == "__main__":

@@ -173,9 +173,59 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def report(results):
-    runs, checks = results["runs"], results.get("checks", {})
-    rows = [("supervised tokens / s", "supervised_tokens_per_s", "{:.1f}"),
+def new_results(args, flags) -> dict:
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output")},
+            "flags": flags, "runs": {}}
+
+
+def train_sides(names, repeat, workdir, train_one) -> dict:
+    """Train each side `repeat` times, alternating the order; `train_one(name, output_dir)` returns a run dict.
+    Returns each side's fastest run (noise from other processes only slows a run down), with peak RSS: our highest
+    against the baseline's lowest, and every attempt."""
+    attempts = {name: [] for name in names}
+    for r in range(repeat):
+        for name in names if r % 2 == 0 else names[::-1]:
+            print(f"training {name}, run {r + 1}/{repeat} ...", flush=True)
+            run = train_one(name, os.path.join(workdir, f"{name}-{r}"))
+            attempts[name].append(run)
+            print(f"  {run['train_runtime_s']:.1f} s, peak RSS {run['peak_rss_gb']:.2f} GB, "
+                  f"other processes' CPU {run['other_processes_cpu_s']:.1f} s", flush=True)
+    best = {}
+    for name, runs in attempts.items():
+        best[name] = dict(min(runs, key=lambda run: run["train_runtime_s"]))
+        rss = [run["peak_rss_gb"] for run in runs]
+        best[name]["peak_rss_gb"] = max(rss) if name == "ours" else min(rss)
+        best[name]["attempts"] = [{k: run[k] for k in ("train_runtime_s", "peak_rss_gb", "other_processes_cpu_s", "log")}
+                                  for run in runs]
+        best[name]["output_dir"] = os.path.join(workdir, f"{name}-{len(runs) - 1}")
+    return best
+
+
+def print_table(runs: dict, rows, no_ratio=("pad_fraction",)):
+    """rows: (label, key, format); a ratio column when both sides ran."""
+    names = [n for n in ("baseline", "ours") if n in runs]
+    print(f"\n{'':28}" + "".join(f"{n:>14}" for n in names) + ("        ratio" if len(names) == 2 else ""))
+    for label, key, fmt in rows:
+        vals = [runs[n].get(key) for n in names]
+        line = f"{label:28}" + "".join(f"{fmt.format(v) if v is not None else '-':>14}" for v in vals)
+        if len(vals) == 2 and all(isinstance(v, (int, float)) and v for v in vals) and key not in no_ratio:
+            line += f"{vals[1] / vals[0]:>12.3f}x"
+        print(line)
+
+
+def finish(results: dict, output: str, workdir: str) -> int:
+    """Print the checks, write the JSON record; exit code 0 when every check passed."""
+    for name, check in results.get("checks", {}).items():
+        print(f"{'PASS' if check['ok'] else 'FAIL'}  {name}: {check['value']} (target {check['target']})")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(results, f, indent=2, ensure_ascii=False)
+    print(f"results: {output}; logs and outputs: {workdir}")
+    return 0 if all(c["ok"] for c in results.get("checks", {}).values()) else 1
+
+
+SFT_ROWS = [("supervised tokens / s", "supervised_tokens_per_s", "{:.1f}"),
             ("train runtime (s)", "train_runtime_s", "{:.1f}"),
             ("pad fraction", "pad_fraction", "{:.1%}"),
             ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
@@ -183,16 +233,6 @@ def report(results):
             ("supervised tokens", "supervised_tokens", "{:d}"),
             ("processed tokens", "processed_tokens", "{:d}"),
             ("other processes' CPU s", "other_processes_cpu_s", "{:.1f}")]
-    names = [n for n in ("baseline", "ours") if n in runs]
-    print(f"\n{'':26}" + "".join(f"{n:>14}" for n in names) + ("        ratio" if len(names) == 2 else ""))
-    for label, key, fmt in rows:
-        vals = [runs[n].get(key) for n in names]
-        line = f"{label:26}" + "".join(f"{fmt.format(v) if v is not None else '-':>14}" for v in vals)
-        if len(vals) == 2 and all(isinstance(v, (int, float)) and v for v in vals) and key not in ("pad_fraction",):
-            line += f"{vals[1] / vals[0]:>12.3f}x"
-        print(line)
-    for name, check in checks.items():
-        print(f"{'PASS' if check['ok'] else 'FAIL'}  {name}: {check['value']} (target {check['target']})")
 
 
 def main(argv=None):
@@ -200,25 +240,10 @@ def main(argv=None):
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_sft-")
     dirs = split_data(args.data, args.num_samples, args.eval_samples, workdir)
     flags = common_flags(args, dirs["train"])
-    results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-               "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output")},
-               "flags": flags, "runs": {}}
+    results = new_results(args, flags)
     names = [args.only] if args.only else ["baseline", "ours"]
-    attempts = {name: [] for name in names}
-    for r in range(args.repeat):
-        for name in names if r % 2 == 0 else names[::-1]:
-            print(f"training {name} ({RUNS[name]}), run {r + 1}/{args.repeat} ...", flush=True)
-            attempts[name].append(sft_run(RUNS[name], flags, os.path.join(workdir, f"{name}-{r}"), args.threads))
-            print(f"  {attempts[name][-1]['train_runtime_s']:.1f} s, peak RSS {attempts[name][-1]['peak_rss_gb']:.2f} GB, "
-                  f"other processes' CPU {attempts[name][-1]['other_processes_cpu_s']:.1f} s", flush=True)
-    for name, runs in attempts.items():
-        best = dict(min(runs, key=lambda run: run["train_runtime_s"]))
-        rss = [run["peak_rss_gb"] for run in runs]
-        best["peak_rss_gb"] = max(rss) if name == "ours" else min(rss)
-        best["attempts"] = [{k: run[k] for k in ("train_runtime_s", "peak_rss_gb", "other_processes_cpu_s", "log")}
-                            for run in runs]
-        best["output_dir"] = os.path.join(workdir, f"{name}-{len(runs) - 1}")
-        results["runs"][name] = best
+    results["runs"] = train_sides(names, args.repeat, workdir,
+                                  lambda name, out: sft_run(RUNS[name], flags, out, args.threads))
     print("scoring the held-out samples ...", flush=True)
     losses = heldout_losses(args.model, {n: run["output_dir"] for n, run in results["runs"].items()},
                             dirs["heldout"], args.max_length)
@@ -240,13 +265,9 @@ def main(argv=None):
             "same supervised tokens": {"value": f"{ours['supervised_tokens']} vs {base['supervised_tokens']}",
                                        "target": "equal", "ok": ours["supervised_tokens"] == base["supervised_tokens"]},
         }
-    report(results)
+    print_table(results["runs"], SFT_ROWS)
     print(f"\nheld-out loss before training: {losses['base']:.4f} ({losses['heldout_samples']} samples)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=2, ensure_ascii=False)
-    print(f"results: {args.output}; logs and outputs: {workdir}")
-    return 0 if all(c["ok"] for c in results.get("checks", {}).values()) else 1
+    return finish(results, args.output, workdir)
 
 
 if __name__ == "__main__":
