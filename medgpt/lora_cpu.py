@@ -110,7 +110,8 @@ def _fused_forward(self, x, *args, **kwargs):
     if name not in self.lora_A or name in self.lora_variant:
         return fallback(self, x, *args, **kwargs)
     lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-    if lora_a.bias is not None or lora_b.bias is not None or x.dtype != lora_a.weight.dtype:
+    if lora_a.bias is not None or lora_b.bias is not None or x.dtype != lora_a.weight.dtype \
+            or lora_a.weight.shape[-1] != x.shape[-1]:  # e.g. a sharded (ZeRO-3) weight
         return fallback(self, x, *args, **kwargs)
     base = self.base_layer(x)
     if base.dtype != x.dtype:

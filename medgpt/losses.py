@@ -97,7 +97,8 @@ class LeanTrainer(TokenCountingTrainer):
         if self.args.device.type == "cpu":
             if use_fast_cpu_dropout(self.model):
                 logger.info("LoRA dropout: using FastCPUDropout (a multi-draw mask, same distribution)")
-            if use_fused_lora(self.model):
+            # (not under DeepSpeed/FSDP: they gather sharded weights in module hooks the fused op would bypass)
+            if not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and use_fused_lora(self.model):
                 logger.info("LoRA layers: one fused CPU op for dropout + A + B + scaling + add (medgpt/lora_cpu.py)")
         self.lean_loss = lean_loss and accepts_logits_to_keep(self.model)
         if lean_loss and not self.lean_loss:
