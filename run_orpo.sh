@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
 launch orpo_training.py \
+    "${RUN_FLAGS[@]}" "${LORA_FLAGS[@]}" \
     --train_file_dir ./data/reward \
     --validation_split_percentage 10 \
     --per_device_train_batch_size 2 \
@@ -19,7 +20,6 @@ launch orpo_training.py \
     --do_train \
     --do_eval \
     --template_name chatml \
-    --use_peft True \
     --max_train_samples 1000 \
     --max_eval_samples 10 \
     --max_steps 12 \
@@ -37,18 +37,5 @@ launch orpo_training.py \
     --max_source_length 128 \
     --max_target_length 128 \
     --output_dir outputs-orpo-v1 \
-    --overwrite_output_dir \
-    --ddp_timeout 30000 \
-    --logging_first_step True \
-    --target_modules all \
-    --lora_rank 8 \
-    --lora_alpha 16 \
-    --lora_dropout 0.05 \
-    --torch_dtype float32 \
-    --device_map auto \
-    --report_to tensorboard \
-    --ddp_find_unused_parameters False \
     --remove_unused_columns False \
-    --gradient_checkpointing False \
-    --cache_dir ./cache \
     "$@"

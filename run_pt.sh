@@ -11,13 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
 launch pretraining.py \
+    "${RUN_FLAGS[@]}" "${LORA_FLAGS[@]}" \
     --train_file_dir ./data/pretrain \
     --validation_split_percentage 10 \
     --per_device_train_batch_size 4 \
     --per_device_eval_batch_size 4 \
     --do_train \
     --do_eval \
-    --use_peft True \
     --seed 42 \
     --max_train_samples 10000 \
     --max_eval_samples 10 \
@@ -37,17 +37,4 @@ launch pretraining.py \
     --block_size 128 \
     --packing True \
     --output_dir outputs-pt-v1 \
-    --overwrite_output_dir \
-    --ddp_timeout 30000 \
-    --logging_first_step True \
-    --target_modules all \
-    --lora_rank 8 \
-    --lora_alpha 16 \
-    --lora_dropout 0.05 \
-    --torch_dtype float32 \
-    --device_map auto \
-    --report_to tensorboard \
-    --ddp_find_unused_parameters False \
-    --gradient_checkpointing False \
-    --cache_dir ./cache \
     "$@"

@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
 launch reward_modeling.py \
+    "${RUN_FLAGS[@]}" "${LORA_FLAGS[@]}" \
     --train_file_dir ./data/reward \
     --validation_split_percentage 10 \
     --per_device_train_batch_size 4 \
@@ -17,7 +18,6 @@ launch reward_modeling.py \
     --do_train \
     --do_eval \
     --template_name chatml \
-    --use_peft True \
     --seed 42 \
     --max_train_samples 1000 \
     --max_eval_samples 10 \
@@ -35,18 +35,5 @@ launch reward_modeling.py \
     --max_source_length 128 \
     --max_target_length 128 \
     --output_dir outputs-rm-v1 \
-    --overwrite_output_dir \
-    --ddp_timeout 30000 \
-    --logging_first_step True \
-    --target_modules all \
-    --lora_rank 8 \
-    --lora_alpha 16 \
-    --lora_dropout 0.05 \
-    --torch_dtype float32 \
-    --device_map auto \
-    --report_to tensorboard \
-    --ddp_find_unused_parameters False \
     --remove_unused_columns False \
-    --gradient_checkpointing False \
-    --cache_dir ./cache \
     "$@"

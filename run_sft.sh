@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
 launch supervised_finetuning.py \
+    "${RUN_FLAGS[@]}" "${LORA_FLAGS[@]}" \
     --train_file_dir ./data/finetune \
     --validation_file_dir ./data/finetune \
     --per_device_train_batch_size 4 \
@@ -16,7 +17,6 @@ launch supervised_finetuning.py \
     --do_train \
     --do_eval \
     --template_name chatml \
-    --use_peft True \
     --max_train_samples 1000 \
     --max_eval_samples 10 \
     --model_max_length 512 \
@@ -34,17 +34,4 @@ launch supervised_finetuning.py \
     --gradient_accumulation_steps 1 \
     --preprocessing_num_workers 1 \
     --output_dir outputs-sft-v1 \
-    --overwrite_output_dir \
-    --ddp_timeout 30000 \
-    --logging_first_step True \
-    --target_modules all \
-    --lora_rank 8 \
-    --lora_alpha 16 \
-    --lora_dropout 0.05 \
-    --torch_dtype float32 \
-    --device_map auto \
-    --report_to tensorboard \
-    --ddp_find_unused_parameters False \
-    --gradient_checkpointing False \
-    --cache_dir ./cache \
     "$@"
