@@ -2,19 +2,23 @@
 
     python pretraining.py --train_file_dir data/pretrain --output_dir outputs-pt --do_train --do_eval --block_size 256
 
-Documents are joined with an eos after each and cut into blocks of exactly --block_size tokens; the loss
-covers every token. Reports eval loss and perplexity. LoRA by default; --use_peft False trains in full.
+Documents are joined with an eos after each and cut into blocks of exactly --block_size tokens, as in MedicalGPT;
+within a block each document attends only to itself (position ids restart after each eos; exact with sdpa or
+flash attention), and the loss covers every token but each document piece's first. Reports eval loss and
+perplexity. LoRA by default; --use_peft False trains in full.
 """
 from __future__ import annotations
 
 import logging
 
-from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments, Trainer
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, PretrainArguments, parse_args
 from medgpt.cli import run_main
-from medgpt.data.pretrain import build_pretrain_datasets
+from medgpt.data.collator import DocumentFlatteningCollator, enable_packing
+from medgpt.data.pretrain import build_pretrain_datasets, resolve_block_size
 from medgpt.data.sft import IGNORE_INDEX
+from medgpt.losses import LeanTrainer
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
 from medgpt.training import prepare_run, train_and_save
 
@@ -37,14 +41,24 @@ def main(argv=None):
     model = apply_lora(model, lora_args, training_args)
     if model_args.neft_alpha:
         training_args.neftune_noise_alpha = model_args.neft_alpha
-    trainer = Trainer(
+    # packed blocks: each document attends only to itself (position ids restart after every eos) where the
+    # attention allows it exactly; else blocks as MedicalGPT trains them. --packing False pads whole documents.
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    isolated = pt_args.packing and tokenizer.eos_token_id is not None and enable_packing(model) is not None
+    if isolated:
+        collator = DocumentFlatteningCollator(tokenizer.eos_token_id)
+        logger.info("Packed blocks: each document attends only to itself")
+    elif pt_args.packing:
+        logger.warning("Documents in a block attend to the ones before them (this model's attention cannot keep them apart)")
+    trainer = LeanTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        # packed blocks are all --block_size long; with --packing False this pads, keeping padding out of the loss
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
+        data_collator=collator,
+        # a batch's blocks run as rows of one block each (whole pieces), as padded blocks would
+        max_packed_tokens=resolve_block_size(pt_args.block_size, tokenizer) if isolated else None,
     )
     train_and_save(trainer, training_args, resume, tokenizer)
 

@@ -111,8 +111,9 @@ class PretrainArguments:
         default=1024, metadata={"help": "Tokens per training block; documents are joined (an eos after each) and cut "
                                         "into blocks of exactly this size. At most the tokenizer's model_max_length."})
     packing: bool = field(
-        default=True, metadata={"help": "Join documents into full blocks (False: one document per sample, cut at "
-                                        "block_size, padding kept out of the loss)."})
+        default=True, metadata={"help": "Join documents into full blocks, each document attending only to itself where "
+                                        "the attention allows it (False: one document per sample, cut at block_size, "
+                                        "padding kept out of the loss)."})
     streaming: bool = field(
         default=False, metadata={"help": "Read and tokenize the training data lazily while training (needs --max_steps)."})
     keep_linebreaks: bool = field(

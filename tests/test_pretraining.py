@@ -192,3 +192,39 @@ def test_dataset_name_reads_a_text_column_plain_and_streamed(tmp_path, smol_toke
     expected = [stream[i:i + 8] for i in range(0, len(stream) // 8 * 8, 8)]
     assert train_ids() == expected
     assert train_ids("--streaming", "True") == expected
+
+
+def test_packed_blocks_keep_documents_apart(smol_tokenizer, tiny_model_dir):
+    """Within a block each document is its own sample: position ids restart after every eos, the first token of
+    each piece is not predicted from the previous document, and a document's logits equal its logits alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medgpt.data.collator import DocumentFlatteningCollator, enable_packing
+
+    eos = smol_tokenizer.eos_token_id
+    docs = [smol_tokenizer(d)["input_ids"] + [eos] for d in DOCS[:3]]
+    stream = sum(docs, [])
+    cut = len(docs[0]) + len(docs[1]) + 2
+    blocks = [stream[:cut], stream[cut:cut + 15]]  # the second block starts inside the third document
+    batch = DocumentFlatteningCollator(eos)([{"input_ids": b, "labels": b} for b in blocks])
+    ids, pos, labels = batch["input_ids"][0].tolist(), batch["position_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert ids == stream[:cut + 15]
+    starts = [0] + [i + 1 for i, t in enumerate(ids[:-1]) if t == eos] + [cut]
+    assert sorted(set(starts)) == batch["cu_seq_lens_q"].tolist()[:-1]
+    for s in set(starts):
+        assert pos[s] == 0 and labels[s] == -100  # each piece starts afresh and is not a target
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert enable_packing(model) == "varlen_sdpa"
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        second = len(docs[0])
+        alone = model(input_ids=torch.tensor([docs[1]])).logits[0]
+    torch.testing.assert_close(packed[second:second + len(docs[1])], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_pretraining_logs_document_isolation(tmp_path, tiny_model_dir, corpus):
+    proc = _run(tiny_model_dir, corpus, tmp_path / "out", "--do_train", "--max_steps", "2")
+    assert "each document attends only to itself" in proc.stderr
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2

@@ -148,6 +148,35 @@ def build_collator(tokenizer, model=None, packing: bool = True, pad_to_multiple_
                                   padding="longest"), False
 
 
+class DocumentFlatteningCollator:
+    """Pretraining blocks (documents joined, an eos after each; medgpt.data.pretrain) -> one padding-free row in
+    which every document piece is its own sample: position ids restart after each eos and at each block start,
+    `cu_seq_lens` mark the pieces, and each piece's first label is -100. With an attention that reads the
+    boundaries (`enable_packing`), no document attends to, or is predicted from, another one; the blocks keep
+    MedicalGPT's exact --block_size slicing of the token stream. (transformers' DataCollatorWithFlattening does the
+    flattening; this only cuts the blocks at the eos tokens first.)"""
+
+    def __init__(self, eos_token_id: int):
+        from transformers import DataCollatorWithFlattening
+
+        self.eos_token_id = eos_token_id
+        self.flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=IGNORE_INDEX)
+
+    def __call__(self, features: list[dict]) -> dict:
+        pieces = []
+        for feature in features:
+            ids = list(feature["input_ids"])
+            labels = list(feature.get("labels", ids))
+            start = 0
+            for i, token in enumerate(ids):
+                if token == self.eos_token_id:
+                    pieces.append({"input_ids": ids[start:i + 1], "labels": labels[start:i + 1]})
+                    start = i + 1
+            if start < len(ids):
+                pieces.append({"input_ids": ids[start:], "labels": labels[start:]})
+        return self.flatten(pieces)
+
+
 def split_packed_batch(batch: dict, max_tokens: int | None) -> list[dict]:
     """Cut a flattened batch (one row; sample boundaries in `cu_seq_lens_q`) into consecutive rows
     of at most `max_tokens` tokens, whole samples only (a longer sample gets a row of its own).

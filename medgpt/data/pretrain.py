@@ -134,7 +134,7 @@ def build_lm_dataset(texts: Iterable[str], tokenizer, block_size: int, packing: 
     return Dataset.from_dict({"input_ids": samples, "labels": samples})
 
 
-def _resolve_block_size(block_size: Optional[int], tokenizer) -> int:
+def resolve_block_size(block_size: Optional[int], tokenizer) -> int:
     limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None
     if block_size is None:
         return min(1024, limit or 1024)
@@ -165,7 +165,7 @@ def _stream_documents(data_args, convert, cache_dir=None) -> Iterator[str]:
 def build_pretrain_datasets(data_args, pt_args, tokenizer, training_args, cache_dir=None):
     """(train, eval) datasets for pretraining from --train_file_dir/--validation_file_dir/--dataset_name.
     Without validation data, --validation_split_percentage of the documents is held out for evaluation."""
-    block_size = _resolve_block_size(pt_args.block_size, tokenizer)
+    block_size = resolve_block_size(pt_args.block_size, tokenizer)
     convert = text_converter(pt_args.keep_linebreaks)
     if pt_args.streaming and training_args.do_train:
         return _streaming_datasets(data_args, pt_args, convert, tokenizer, block_size, training_args, cache_dir)
