@@ -33,7 +33,7 @@ def main(argv=None):
     train_dataset, eval_dataset = build_pretrain_datasets(
         data_args, pt_args, tokenizer, training_args, cache_dir=model_args.cache_dir)
 
-    model = load_model(model_args)
+    model = load_model(model_args, max_length=resolve_block_size(pt_args.block_size, tokenizer))
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         # an extended vocabulary (--tokenizer_name_or_path); train the new rows with --modules_to_save embed_tokens,lm_head
         logger.info("Resizing the embeddings from %d to %d tokens", model.get_input_embeddings().weight.shape[0], len(tokenizer))

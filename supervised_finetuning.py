@@ -29,7 +29,7 @@ def main(argv=None):
     train_dataset, eval_dataset = build_sft_datasets(
         data_args, tokenizer, template, sft_args.model_max_length, sft_args.train_on_inputs, training_args)
 
-    model = load_model(model_args)
+    model = load_model(model_args, max_length=sft_args.model_max_length)
     model = apply_lora(model, lora_args, training_args)
     if model_args.neft_alpha:
         training_args.neftune_noise_alpha = model_args.neft_alpha

@@ -47,7 +47,12 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow the model's own code from the hub to run (off by default)."})
     rope_scaling: Optional[str] = field(
-        default=None, metadata={"help": "Extend the context with RoPE scaling.", "choices": ["linear", "dynamic"]})
+        default=None, metadata={"help": "Extend the context with RoPE scaling; the factor is ceil(training length / the "
+                                        "model's max_position_embeddings) (SFT: --model_max_length, PT: --block_size), "
+                                        "as in MedicalGPT, unless --rope_scaling_factor is given.",
+                                "choices": ["linear", "dynamic"]})
+    rope_scaling_factor: Optional[float] = field(
+        default=None, metadata={"help": "With --rope_scaling: the factor itself (default: from the training length)."})
     flash_attn: bool = field(default=False, metadata={"help": "Use FlashAttention-2 (needs CUDA and flash-attn)."})
     shift_attn: bool = field(
         default=False, metadata={"help": "LongLoRA shift short attention (accepted; not supported, warns)."})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Optional
 
@@ -76,10 +77,12 @@ def quantization_config(model_args, compute_dtype=None):
     )
 
 
-def load_model(model_args, model_class=None, config_overrides: Optional[dict] = None, **extra):
+def load_model(model_args, model_class=None, config_overrides: Optional[dict] = None, max_length: Optional[int] = None,
+               **extra):
     """Load a causal LM (or `model_class`, e.g. AutoModelForSequenceClassification) with the dtype,
     quantization, attention and RoPE options of `model_args`. No --model_name_or_path: the embedded default.
-    `config_overrides` are set on the model config before loading (e.g. {"num_labels": 1})."""
+    `config_overrides` are set on the model config before loading (e.g. {"num_labels": 1}); `max_length` (the
+    training length) sets the --rope_scaling factor."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
@@ -91,7 +94,7 @@ def load_model(model_args, model_class=None, config_overrides: Optional[dict] = 
         setattr(config, key, value)
     kwargs = dict(extra)
     if model_args.rope_scaling:
-        _set_rope_scaling(config, model_args.rope_scaling)
+        _set_rope_scaling(config, model_args.rope_scaling, model_args.rope_scaling_factor, max_length)
     if model_args.flash_attn:
         try:
             import flash_attn  # noqa: F401
@@ -118,17 +121,24 @@ def load_model(model_args, model_class=None, config_overrides: Optional[dict] = 
     return model
 
 
-def _set_rope_scaling(config, kind: str):
-    # Scale by how much longer the training context is than the model's native one, as MedicalGPT does.
+def _set_rope_scaling(config, kind: str, factor: Optional[float], max_length: Optional[int]):
+    """As MedicalGPT: factor = ceil(training length / native context) when training longer than the model's
+    max_position_embeddings, else 1 (nothing to extend); --rope_scaling_factor sets it directly."""
     native = getattr(config, "max_position_embeddings", None)
-    factor = float(os.environ.get("MEDGPT_ROPE_FACTOR", "2.0"))
+    if factor is None:
+        if native and max_length and max_length > native:
+            factor = float(math.ceil(max_length / native))
+        else:
+            logger.warning("--rope_scaling %s: the training length (%s) is not longer than the model's context (%s); "
+                           "factor 1 (pass --rope_scaling_factor to choose one)", kind, max_length, native)
+            factor = 1.0
     params = dict(getattr(config, "rope_parameters", None) or {})
     params.update({"rope_type": kind, "factor": factor})
     if hasattr(config, "rope_parameters"):
         config.rope_parameters = params
     else:
         config.rope_scaling = {"type": kind, "factor": factor}
-    logger.info("RoPE scaling: %s, factor %.1f (native context %s)", kind, factor, native)
+    logger.info("RoPE scaling: %s, factor %.1f (native context %s, training length %s)", kind, factor, native, max_length)
 
 
 def find_all_linear_names(model) -> list[str]:

@@ -103,3 +103,21 @@ def test_qlora_4bit_trains_on_cpu_or_says_why(tiny_model_dir, tmp_path):
     proc = _sft(tiny_model_dir, out, "--load_in_4bit", "True", "--qlora", "True", "--max_steps", "2",
                 "--save_strategy", "no")
     assert (out / "adapter_model.safetensors").is_file(), proc.stderr[-2000:]
+
+
+def test_rope_scaling_factor_follows_the_training_length():
+    """--rope_scaling: factor ceil(training length / native context) as in MedicalGPT, 1 when there is nothing to
+    extend, or --rope_scaling_factor."""
+    from transformers import LlamaConfig
+
+    from medgpt.modeling import _set_rope_scaling
+
+    def factor(*args):
+        config = LlamaConfig(max_position_embeddings=1024)
+        _set_rope_scaling(config, "linear", *args)
+        return config.rope_parameters["factor"], config.rope_parameters["rope_type"]
+
+    assert factor(None, 3000) == (3.0, "linear")
+    assert factor(None, 512) == (1.0, "linear")
+    assert factor(None, None) == (1.0, "linear")
+    assert factor(4.0, 512) == (4.0, "linear")
