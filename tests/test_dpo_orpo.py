@@ -158,13 +158,16 @@ def test_packed_pairs_give_the_log_probs_of_separate_sequences(tiny_model_dir, p
     assert stats["is_chosen"].sum() == sum(len(p["chosen_ids"]) for p in pairs)
 
 
-def test_packed_dpo_step_matches_trl_padded_step(tiny_model_dir, pairs_dir, tmp_path):
-    """The packed DPO loss, its LoRA gradients and the logged rewards equal those of TRL's padded batch."""
+@pytest.mark.parametrize("checkpointing", ["False", "True"])
+def test_packed_dpo_step_matches_trl_padded_step(tiny_model_dir, pairs_dir, tmp_path, checkpointing):
+    """The packed DPO loss, its LoRA gradients and the logged rewards equal those of TRL's padded batch
+    (also with gradient checkpointing)."""
     import dpo_training
 
     results = []
     for packing in (False, True):
-        model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path)
+        model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path, "--gradient_checkpointing",
+                                             checkpointing)
         trainer = dpo_training.MedDPOTrainer(packing=packing, model=model, args=args, train_dataset=train,
                                              processing_class=tok)
         _perturb_adapter(model)  # after TRL's set-up: the reference is the base (adapter disabled)
