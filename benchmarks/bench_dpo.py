@@ -16,13 +16,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench_sft import finish, new_results, print_table, run_child, split_data, train_sides  # noqa: E402
+from bench_sft import finish, print_table, run_child, start, train_sides  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/reward/dpo_zh_500.jsonl"
 RUNS = {"baseline": ["--packing", "False"], "ours": []}
@@ -131,11 +130,7 @@ DPO_ROWS = [("step time (s)", "step_s", "{:.2f}"), ("steps / s", "steps_per_s", 
 
 def main(argv=None):
     args = parse(argv)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_dpo-")
-    dirs = split_data(args.data, args.num_samples, args.eval_samples, workdir)
-    flags = common_flags(args, dirs["train"])
-    results = new_results(args, flags)
-    names = [args.only] if args.only else ["baseline", "ours"]
+    workdir, dirs, flags, results, names = start(args, "bench_dpo-", common_flags)
     results["runs"] = train_sides(names, args.repeat, workdir,
                                   lambda name, out: dpo_run(name, flags, out, args.threads))
     print("scoring the held-out pairs ...", flush=True)

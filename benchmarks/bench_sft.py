@@ -173,10 +173,15 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def new_results(args, flags) -> dict:
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output")},
-            "flags": flags, "runs": {}}
+def start(args, prefix: str, common_flags):
+    """The data split, the flags of both sides, the results record and the sides to run."""
+    workdir = args.workdir or tempfile.mkdtemp(prefix=prefix)
+    dirs = split_data(args.data, args.num_samples, args.eval_samples, workdir)
+    flags = common_flags(args, dirs["train"])
+    results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
+               "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output")},
+               "flags": flags, "runs": {}}
+    return workdir, dirs, flags, results, [args.only] if args.only else ["baseline", "ours"]
 
 
 def train_sides(names, repeat, workdir, train_one) -> dict:
@@ -237,11 +242,7 @@ SFT_ROWS = [("supervised tokens / s", "supervised_tokens_per_s", "{:.1f}"),
 
 def main(argv=None):
     args = parse(argv)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_sft-")
-    dirs = split_data(args.data, args.num_samples, args.eval_samples, workdir)
-    flags = common_flags(args, dirs["train"])
-    results = new_results(args, flags)
-    names = [args.only] if args.only else ["baseline", "ours"]
+    workdir, dirs, flags, results, names = start(args, "bench_sft-", common_flags)
     results["runs"] = train_sides(names, args.repeat, workdir,
                                   lambda name, out: sft_run(RUNS[name], flags, out, args.threads))
     print("scoring the held-out samples ...", flush=True)
