@@ -142,6 +142,10 @@ class PreferenceArguments:
         default=True, metadata={"help": "DPO: pack each batch padding-free, every pair as one prompt + chosen + rejected "
                                         "segment (the prompt encoded once; exact, see medgpt/dpo.py); False: TRL's padded "
                                         "batches. TRL's --padding_free True means the same."})
+    max_packed_tokens: Optional[int] = field(
+        default=None, metadata={"help": "DPO with --packing: run each batch as rows of whole pairs of at most N tokens "
+                                        "one after another in the same optimizer step (activation memory of one row, "
+                                        "not of the batch); default --max_length, 0: the whole batch in one row."})
     orpo_beta: Optional[float] = field(
         default=None, metadata={"help": "ORPO only: weight of the odds-ratio term (lambda in the paper); sets --beta."})
     tool_format: Optional[str] = field(

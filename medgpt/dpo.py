@@ -81,6 +81,43 @@ class PairPackingCollator:
         return batch
 
 
+def split_pairs(batch: dict, max_tokens: int | None) -> list[dict]:
+    """Cut a packed pair batch into rows of consecutive whole pairs of at most `max_tokens` tokens (a longer pair
+    gets a row of its own). The DPO loss is a mean over pairs, so the rows' losses, weighted by their share of the
+    pairs, add up to the batch's, while activation memory is bounded by one row. Without a limit (None/0), or
+    when all fits, the batch is returned as is."""
+    lengths = [p + c + r for p, c, r in batch["pair_lens"]]
+    if not max_tokens or sum(lengths) <= max_tokens:
+        return [batch]
+    groups, first, size = [], 0, 0  # next-fit over consecutive pairs
+    for i, n in enumerate(lengths):
+        if i > first and size + n > max_tokens:
+            groups.append((first, i))
+            first, size = i, 0
+        size += n
+    groups.append((first, len(lengths)))
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    kept = [0]  # the loss entries (keep/targets/groups) of each pair: one per reply token
+    for _, c, r in batch["pair_lens"]:
+        kept.append(kept[-1] + c + r)
+    rows = []
+    for a, b in groups:
+        lo, hi = starts[a], starts[b]
+        cu = torch.tensor([x - lo for x in starts[a:b + 1]], dtype=torch.int32)
+        longest = max(lengths[a:b])
+        row = {"input_ids": batch["input_ids"][:, lo:hi], "position_ids": batch["position_ids"][:, lo:hi],
+               "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(), "max_length_q": longest, "max_length_k": longest,
+               "pair_lens": batch["pair_lens"][a:b], "keep": batch["keep"][kept[a]:kept[b]] - lo,
+               "targets": batch["targets"][kept[a]:kept[b]], "groups": batch["groups"][kept[a]:kept[b]] - 2 * a}
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in batch:
+                row[key] = batch[key][a:b]
+        rows.append(row)
+    return rows
+
+
 def packed_pair_logps(model, inputs: dict, with_stats: bool = False):
     """Summed log-probs of each reply, [chosen_0, rejected_0, chosen_1, ...], from one packed forward; with
     `with_stats`, also per-token (entropy, mean logit, is-top-1) for TRL's metrics, computed without gradient."""
@@ -113,12 +150,14 @@ class MedDPOTrainer(DPOTrainer):
     append the eos after replies that already end with the template's end-of-turn (chatml: "<|im_end|>\\n" +
     "<|im_end|>") and has no prompt-length limit; so the prepared columns go in unchanged."""
 
-    def __init__(self, *args, packing: bool = True, **kwargs):
+    def __init__(self, *args, packing: bool = True, max_packed_tokens: int | None = None, **kwargs):
         model, config = kwargs.get("model"), kwargs.get("args")
         why_not = self._packing_unsupported(config, model) if packing else None
         if packing and why_not:
             logger.warning("DPO packing off: %s; batches are padded", why_not)
         self.packed = False
+        self.max_packed_tokens = max_packed_tokens
+        self._row_weight = 1.0
         if packing and not why_not and enable_packing(model):
             kwargs["data_collator"] = PairPackingCollator(config.max_length)
             if kwargs.get("ref_model") is not None:
@@ -146,6 +185,22 @@ class MedDPOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        rows = split_pairs(inputs, self.max_packed_tokens) if self.packed and "pair_lens" in inputs else [inputs]
+        if len(rows) == 1 or self.is_deepspeed_enabled:  # DeepSpeed steps inside backward: one pass per step
+            return super().training_step(model, inputs, num_items_in_batch)
+        total, pairs = 0.0, len(inputs["pair_lens"])
+        try:
+            for i, row in enumerate(rows):
+                self._row_weight = len(row["pair_lens"]) / pairs
+                # gradients of the rows accumulate locally; DDP syncs once, on the last row
+                sync = contextlib.nullcontext() if i == len(rows) - 1 else self.accelerator.no_sync(model)
+                with sync:
+                    total = total + super().training_step(model, row, num_items_in_batch)
+        finally:
+            self._row_weight = 1.0
+        return total
+
     def _reference_context(self):
         """The reference policy: the model with its adapter disabled (or the frozen 'ref' copy), or ref_model."""
         if self.ref_model is None and is_peft_model(self.model):
@@ -166,6 +221,7 @@ class MedDPOTrainer(DPOTrainer):
         chosen_logratios = chosen_logps - ref_logps[0::2]
         rejected_logratios = rejected_logps - ref_logps[1::2]
         loss = -F.logsigmoid(self.beta * (chosen_logratios - rejected_logratios)).mean() * self.loss_weights[0]
+        loss = loss * self._row_weight  # a row of a split batch: its share of the batch's pairs
         self._log_packed_metrics(mode, inputs, stats, chosen_logps, rejected_logps, chosen_logratios,
                                  rejected_logratios)
         return (loss, None) if return_outputs else loss

@@ -160,34 +160,50 @@ def test_packed_pairs_give_the_log_probs_of_separate_sequences(tiny_model_dir, p
 
 @pytest.mark.parametrize("checkpointing", ["False", "True"])
 def test_packed_dpo_step_matches_trl_padded_step(tiny_model_dir, pairs_dir, tmp_path, checkpointing):
-    """The packed DPO loss, its LoRA gradients and the logged rewards equal those of TRL's padded batch
-    (also with gradient checkpointing)."""
+    """A packed DPO training step (the batch in one row, or in rows of one pair each) gives the loss, LoRA gradients
+    and logged rewards of TRL's padded step (also with gradient checkpointing)."""
     import dpo_training
 
     results = []
-    for packing in (False, True):
+    for packing, max_tokens in ((False, None), (True, 0), (True, 1)):
         model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path, "--gradient_checkpointing",
                                              checkpointing)
-        trainer = dpo_training.MedDPOTrainer(packing=packing, model=model, args=args, train_dataset=train,
-                                             processing_class=tok)
-        _perturb_adapter(model)  # after TRL's set-up: the reference is the base (adapter disabled)
+        trainer = dpo_training.MedDPOTrainer(packing=packing, max_packed_tokens=max_tokens, model=model, args=args,
+                                             train_dataset=train, processing_class=tok)
         assert trainer.packed == packing
-        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-        model.train()
+        _perturb_adapter(model)  # after TRL's set-up: the reference is the base (adapter disabled)
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop
+        batch = next(iter(trainer.get_train_dataloader()))
         model.zero_grad()
-        loss = trainer.compute_loss(model, batch)
-        loss.backward()
+        loss = trainer.training_step(model, batch)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
+        metrics = {k: sum(v) / len(v) for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
         results.append((loss.item(), grads, metrics))
-    (loss_pad, grads_pad, m_pad), (loss_packed, grads_packed, m_packed) = results
-    assert loss_packed == pytest.approx(loss_pad, rel=1e-4)
-    assert grads_pad.keys() == grads_packed.keys() and len(grads_pad) > 0
-    for name in grads_pad:
-        torch.testing.assert_close(grads_packed[name], grads_pad[name], atol=1e-5, rtol=1e-3)
-    assert m_packed.keys() == m_pad.keys()
-    for key in m_pad:
-        assert m_packed[key] == pytest.approx(m_pad[key], rel=1e-3, abs=1e-4), key
+    loss_pad, grads_pad, m_pad = results[0]
+    for loss_packed, grads_packed, m_packed in results[1:]:
+        assert loss_packed == pytest.approx(loss_pad, rel=1e-4)
+        assert grads_pad.keys() == grads_packed.keys() and len(grads_pad) > 0
+        for name in grads_pad:
+            torch.testing.assert_close(grads_packed[name], grads_pad[name], atol=1e-5, rtol=1e-3)
+        assert m_packed.keys() == m_pad.keys()
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                    "logps/rejected"):
+            assert m_packed[key] == pytest.approx(m_pad[key], rel=1e-3, abs=1e-4), key
+
+
+def test_split_pairs_keeps_whole_pairs_in_order():
+    from medgpt.dpo import PairPackingCollator, split_pairs
+
+    pairs = [{"prompt_ids": [1] * p, "chosen_ids": [2] * c, "rejected_ids": [3] * r}
+             for p, c, r in ((3, 2, 4), (5, 1, 1), (2, 6, 3), (4, 4, 4))]
+    batch = PairPackingCollator()(pairs)
+    rows = split_pairs(batch, 16)
+    assert [len(r["pair_lens"]) for r in rows] == [2, 1, 1]  # 9 + 7 fit in 16; 11; 12
+    for row, first in zip(rows, (0, 2, 3)):
+        alone = PairPackingCollator()(pairs[first:first + len(row["pair_lens"])])
+        for key in ("input_ids", "position_ids", "cu_seq_lens_q", "keep", "targets", "groups"):
+            assert torch.equal(row[key], alone[key]), key
+    assert split_pairs(batch, 0) == [batch] and split_pairs(batch, 100) == [batch]
 
 
 def test_orpo_uses_orpo_beta_and_saves_a_loadable_adapter(tmp_path, tiny_model_dir, pairs_dir):
