@@ -30,10 +30,11 @@ def main(argv=None):
         ModelArguments, DataArguments, LoraArguments, PretrainArguments, Seq2SeqTrainingArguments, argv=argv)
     resume = prepare_run(training_args, compat)
     tokenizer = load_tokenizer(model_args)
+    pt_args.block_size = block_size = resolve_block_size(pt_args.block_size, tokenizer)  # once (it may warn)
     train_dataset, eval_dataset = build_pretrain_datasets(
         data_args, pt_args, tokenizer, training_args, cache_dir=model_args.cache_dir)
 
-    model = load_model(model_args, max_length=resolve_block_size(pt_args.block_size, tokenizer))
+    model = load_model(model_args, max_length=block_size)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         # an extended vocabulary (--tokenizer_name_or_path); train the new rows with --modules_to_save embed_tokens,lm_head
         logger.info("Resizing the embeddings from %d to %d tokens", model.get_input_embeddings().weight.shape[0], len(tokenizer))
@@ -43,13 +44,15 @@ def main(argv=None):
         training_args.neftune_noise_alpha = model_args.neft_alpha
     # packed blocks: each document attends only to itself (position ids restart after every eos) where the
     # attention allows it exactly; else blocks as MedicalGPT trains them. --packing False pads whole documents.
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
     isolated = pt_args.packing and tokenizer.eos_token_id is not None and enable_packing(model) is not None
     if isolated:
         collator = DocumentFlatteningCollator(tokenizer.eos_token_id)
         logger.info("Packed blocks: each document attends only to itself")
-    elif pt_args.packing:
-        logger.warning("Documents in a block attend to the ones before them (this model's attention cannot keep them apart)")
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+        if pt_args.packing:
+            logger.warning("Documents in a block attend to the ones before them (this model's attention cannot keep "
+                           "them apart)")
     trainer = LeanTrainer(
         model=model,
         args=training_args,
@@ -58,7 +61,7 @@ def main(argv=None):
         processing_class=tokenizer,
         data_collator=collator,
         # a batch's blocks run as rows of one block each (whole pieces), as padded blocks would
-        max_packed_tokens=resolve_block_size(pt_args.block_size, tokenizer) if isolated else None,
+        max_packed_tokens=block_size if isolated else None,
     )
     train_and_save(trainer, training_args, resume, tokenizer)
 

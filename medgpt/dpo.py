@@ -29,6 +29,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .data.collator import enable_packing, packing_mode
+from .losses import step_rows
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ class PairPackingCollator:
 def split_pairs(batch: dict, max_tokens: int | None) -> list[dict]:
     """Cut a packed pair batch into rows of consecutive whole pairs of at most `max_tokens` tokens (a longer pair
     gets a row of its own). The DPO loss is a mean over pairs, so the rows' losses, weighted by their share of the
-    pairs, add up to the batch's, while activation memory is bounded by one row. Without a limit (None/0), or
-    when all fits, the batch is returned as is."""
+    pairs (`loss_weight`), add up to the batch's, while activation memory is bounded by one row. Without a limit
+    (None/0), or when all fits, the batch is returned as is."""
     lengths = [p + c + r for p, c, r in batch["pair_lens"]]
     if not max_tokens or sum(lengths) <= max_tokens:
         return [batch]
@@ -110,7 +111,8 @@ def split_pairs(batch: dict, max_tokens: int | None) -> list[dict]:
         row = {"input_ids": batch["input_ids"][:, lo:hi], "position_ids": batch["position_ids"][:, lo:hi],
                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(), "max_length_q": longest, "max_length_k": longest,
                "pair_lens": batch["pair_lens"][a:b], "keep": batch["keep"][kept[a]:kept[b]] - lo,
-               "targets": batch["targets"][kept[a]:kept[b]], "groups": batch["groups"][kept[a]:kept[b]] - 2 * a}
+               "targets": batch["targets"][kept[a]:kept[b]], "groups": batch["groups"][kept[a]:kept[b]] - 2 * a,
+               "loss_weight": (b - a) / len(lengths)}
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in batch:
                 row[key] = batch[key][a:b]
@@ -157,7 +159,6 @@ class MedDPOTrainer(DPOTrainer):
             logger.warning("DPO packing off: %s; batches are padded", why_not)
         self.packed = False
         self.max_packed_tokens = max_packed_tokens
-        self._row_weight = 1.0
         if packing and not why_not and enable_packing(model):
             kwargs["data_collator"] = PairPackingCollator(config.max_length)
             if kwargs.get("ref_model") is not None:
@@ -189,17 +190,7 @@ class MedDPOTrainer(DPOTrainer):
         rows = split_pairs(inputs, self.max_packed_tokens) if self.packed and "pair_lens" in inputs else [inputs]
         if len(rows) == 1 or self.is_deepspeed_enabled:  # DeepSpeed steps inside backward: one pass per step
             return super().training_step(model, inputs, num_items_in_batch)
-        total, pairs = 0.0, len(inputs["pair_lens"])
-        try:
-            for i, row in enumerate(rows):
-                self._row_weight = len(row["pair_lens"]) / pairs
-                # gradients of the rows accumulate locally; DDP syncs once, on the last row
-                sync = contextlib.nullcontext() if i == len(rows) - 1 else self.accelerator.no_sync(model)
-                with sync:
-                    total = total + super().training_step(model, row, num_items_in_batch)
-        finally:
-            self._row_weight = 1.0
-        return total
+        return step_rows(self, model, rows, super().training_step, num_items_in_batch)
 
     def _reference_context(self):
         """The reference policy: the model with its adapter disabled (or the frozen 'ref' copy), or ref_model."""
@@ -221,7 +212,7 @@ class MedDPOTrainer(DPOTrainer):
         chosen_logratios = chosen_logps - ref_logps[0::2]
         rejected_logratios = rejected_logps - ref_logps[1::2]
         loss = -F.logsigmoid(self.beta * (chosen_logratios - rejected_logratios)).mean() * self.loss_weights[0]
-        loss = loss * self._row_weight  # a row of a split batch: its share of the batch's pairs
+        loss = loss * inputs.get("loss_weight", 1.0)  # a row of a split batch: its share of the batch's pairs
         self._log_packed_metrics(mode, inputs, stats, chosen_logps, rejected_logps, chosen_logratios,
                                  rejected_logratios)
         return (loss, None) if return_outputs else loss

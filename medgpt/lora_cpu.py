@@ -12,6 +12,7 @@ adapters, quantized base layers, other devices or dtypes) keep peft's forward.
 """
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -20,9 +21,7 @@ import torch
 def keep_mask(shape, p: float) -> torch.Tensor:
     """A bool mask keeping each element with probability 1 - round(p * 65536) / 65536 (CPU). torch's CPU dropout
     draws one Mersenne-Twister number per element on one thread; here each 64-bit draw gives four 16-bit uniforms."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
     return draws.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
 
@@ -111,11 +110,10 @@ def _fused_forward(self, x, *args, **kwargs):
         return fallback(self, x, *args, **kwargs)
     lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
     if lora_a.bias is not None or lora_b.bias is not None or x.dtype != lora_a.weight.dtype \
+            or x.dtype != self.base_layer.weight.dtype \
             or lora_a.weight.shape[-1] != x.shape[-1]:  # e.g. a sharded (ZeRO-3) weight
         return fallback(self, x, *args, **kwargs)
     base = self.base_layer(x)
-    if base.dtype != x.dtype:
-        return fallback(self, x, *args, **kwargs)
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     keep = keep_mask(x.shape, p) if p > 0 else None
     return _LoRABranch.apply(x, base, lora_a.weight, lora_b.weight, keep, self.scaling[name] / (1.0 - p))

@@ -64,6 +64,17 @@ def supervised_lm_loss(model, inputs: dict, num_items_in_batch=None):
     return loss / count, outputs
 
 
+def step_rows(trainer, model, rows: list[dict], training_step, num_items_in_batch=None):
+    """Run the rows of one optimizer step one after another with `training_step` (a Trainer's own): their
+    gradients accumulate locally and DDP syncs once, on the last row. Returns the summed (detached) loss."""
+    total = 0.0
+    for i, row in enumerate(rows):
+        sync = contextlib.nullcontext() if i == len(rows) - 1 else trainer.accelerator.no_sync(model)
+        with sync:
+            total = total + training_step(model, row, num_items_in_batch)
+    return total
+
+
 class TokenCountingTrainer(Trainer):
     """transformers' Trainer that counts the tokens of its training batches (processed, real,
     supervised; pad fraction) and adds them, with supervised tokens per second, to the train metrics."""
@@ -111,13 +122,7 @@ class LeanTrainer(TokenCountingTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
         if num_items_in_batch is None:  # normalize every row by the whole batch, so the rows add up to its loss
             num_items_in_batch = inputs["labels"][..., 1:].ne(IGNORE_INDEX).sum()
-        total = 0.0
-        for i, row in enumerate(rows):
-            # gradients of the rows accumulate locally; DDP syncs once, on the last row
-            sync = contextlib.nullcontext() if i == len(rows) - 1 else self.accelerator.no_sync(model)
-            with sync:
-                total = total + super().training_step(model, row, num_items_in_batch)
-        return total
+        return step_rows(self, model, rows, super().training_step, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.lean_loss or "labels" not in inputs or self.label_smoother is not None:

@@ -55,12 +55,19 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens
     for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
         n = q.shape[2]
         mask = None
-        if window and n > window:  # sliding-window layers: key j is visible from i iff i - window < j <= i
+        if window and n > window:  # sliding-window layers need an explicit mask; else sdpa's causal fast path
             pos = torch.arange(n, device=q.device)
-            diff = pos[:, None] - pos[None, :]
-            mask = ((diff >= 0) & (diff < window))[None, None]
+            mask = _visible(pos, pos, window)
         outputs.append(sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0])
     return torch.cat(outputs, dim=1), None
+
+
+def _visible(q_pos, k_pos, window=None):
+    """[1, 1, queries, keys] bool mask: key j is visible from query i iff k_pos[j] <= q_pos[i] (and, with a sliding
+    window, q_pos[i] - k_pos[j] < window)."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    mask = (diff >= 0) & (diff < window) if window else diff >= 0
+    return mask[None, None]
 
 
 def _shared_prefix_attention(module, query, key, value, pair_lens, window, **kwargs):
@@ -78,18 +85,16 @@ def _shared_prefix_attention(module, query, key, value, pair_lens, window, **kwa
         first_mask = None
         if window and p + c > window:
             pos = torch.arange(p + c, device=q.device)
-            diff = pos[:, None] - pos[None, :]
-            first_mask = ((diff >= 0) & (diff < window))[None, None]
+            first_mask = _visible(pos, pos, window)
         outputs.append(sdpa_attention_forward(module, q[:, :, :p + c], k[:, :, :p + c], v[:, :, :p + c],
                                               first_mask, **kwargs)[0])
         # rejected queries (positions p..p+r-1) over the prompt's keys and their own
         q_pos = torch.arange(p, p + r, device=q.device)
         k_pos = torch.cat([torch.arange(p, device=q.device), q_pos])
-        diff = q_pos[:, None] - k_pos[None, :]
-        mask = (diff >= 0) & (diff < window) if window else diff >= 0
         keys = torch.cat([k[:, :, :p], k[:, :, p + c:]], dim=2)
         values = torch.cat([v[:, :, :p], v[:, :, p + c:]], dim=2)
-        outputs.append(sdpa_attention_forward(module, q[:, :, p + c:], keys, values, mask[None, None], **kwargs)[0])
+        outputs.append(sdpa_attention_forward(module, q[:, :, p + c:], keys, values, _visible(q_pos, k_pos, window),
+                                              **kwargs)[0])
     return torch.cat(outputs, dim=1), None
 
 
