@@ -13,15 +13,16 @@ import logging
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from medgpt.cli import run_main
-from medgpt.data.preference import prepare_preference_stage, train_preference_stage
+from medgpt.data.preference import LengthColumnMixin, prepare_preference_stage, train_preference_stage
 from medgpt.data.sft import IGNORE_INDEX
 from medgpt.modeling import apply_lora, load_model
 
 logger = logging.getLogger("medgpt.orpo")
 
 
-class PretokenizedORPOTrainer(ORPOTrainer):
-    """ORPOTrainer fed with medgpt's tokenization (prompt_ids/chosen_ids/rejected_ids, medgpt.data.preference).
+class PretokenizedORPOTrainer(LengthColumnMixin, ORPOTrainer):
+    """ORPOTrainer fed with medgpt's tokenization (prompt_ids/chosen_ids/rejected_ids, medgpt.data.preference);
+    batches grouped by length by default (medgpt.data.preference.choose_sampling).
 
     TRL's tokenize_row prepends the tokenizer's BOS when the prompt does not start with it and appends its eos when
     the reply does not end with it: chatml replies end with "<|im_end|>\\n", so each would get a second
@@ -38,7 +39,8 @@ class PretokenizedORPOTrainer(ORPOTrainer):
         return row
 
 
-def main(argv=None):
+def build_trainer(argv=None):
+    """(run, trainer): the flags parsed, the pairs tokenized, the model and trainer built; nothing trained yet."""
     run = prepare_preference_stage(ORPOConfig, argv)
     if run.pref_args.orpo_beta is not None:
         run.training_args.beta = run.pref_args.orpo_beta
@@ -52,6 +54,11 @@ def main(argv=None):
         eval_dataset=run.eval_dataset,
         processing_class=run.tokenizer,
     )
+    return run, trainer
+
+
+def main(argv=None):
+    run, trainer = build_trainer(argv)
     train_preference_stage(trainer, run, "orpo")
 
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from medgpt.cli import run_main
-from medgpt.data.preference import prepare_preference_stage, train_preference_stage
+from medgpt.data.preference import LengthColumnMixin, prepare_preference_stage, train_preference_stage
 from medgpt.modeling import apply_lora, load_model
 
 logger = logging.getLogger("medgpt.rm")
@@ -28,19 +28,29 @@ def join_prompt(dataset):
                        remove_columns=["prompt_ids"], desc="Joining prompts and replies")
 
 
-def main(argv=None):
+class MedRewardTrainer(LengthColumnMixin, RewardTrainer):
+    """TRL's RewardTrainer; batches grouped by length by default (medgpt.data.preference.choose_sampling)."""
+
+
+def build_trainer(argv=None):
+    """(run, trainer): the flags parsed, the pairs tokenized, the model and trainer built; nothing trained yet."""
     run = prepare_preference_stage(RewardConfig, argv)
     model = load_model(run.model_args, AutoModelForSequenceClassification,
                        config_overrides={"num_labels": 1, "pad_token_id": run.tokenizer.pad_token_id})
     # LoRA with task SEQ_CLS: peft trains the new `score` head in full and saves it with the adapter.
     model = apply_lora(model, run.lora_args, run.training_args, task_type="SEQ_CLS")
-    trainer = RewardTrainer(
+    trainer = MedRewardTrainer(
         model=model,
         args=run.training_args,
         train_dataset=join_prompt(run.train_dataset),
         eval_dataset=join_prompt(run.eval_dataset),
         processing_class=run.tokenizer,
     )
+    return run, trainer
+
+
+def main(argv=None):
+    run, trainer = build_trainer(argv)
     # the scorer truncates as training did
     train_preference_stage(trainer, run, "reward", max_length=run.training_args.max_length)
 

@@ -159,6 +159,9 @@ class CompatArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start afresh even if output_dir holds checkpoints (default: resume from the last one)."})
     logging_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard log folder (default: output_dir/runs)."})
+    # not a flag: the names of the flags the command line or --config gave (after the legacy translations), so that a
+    # stage can tell an explicit value from a default (e.g. --train_sampling_strategy random)
+    given_flags: frozenset = field(default_factory=frozenset, init=False)
 
 
 # Old TrainingArguments flags -> their transformers 5 names.
@@ -205,13 +208,13 @@ def _translate_legacy(argv: list[str]) -> list[str]:
         if name in _RENAMED_FLAGS:
             out.append(_RENAMED_FLAGS[name] + (eq + val if eq else ""))
         elif name == "--group_by_length":
-            # --group_by_length [True|False] became --train_sampling_strategy group_by_length
+            # --group_by_length [True|False] became --train_sampling_strategy group_by_length; False: random,
+            # explicitly, as the preference stages group by length by default
             nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
             enabled = (val or nxt or "true").lower() in ("true", "1", "yes")
             if nxt is not None and not eq:
                 i += 1
-            if enabled:
-                out += ["--train_sampling_strategy", "group_by_length"]
+            out += ["--train_sampling_strategy", "group_by_length" if enabled else "random"]
         else:
             out.append(arg)
         i += 1
@@ -302,7 +305,8 @@ def _restore_shared_fields(dataclass_types, parsed, shared):
 
 def parse_args(*dataclass_types, argv: list[str] | None = None):
     """Parse the command line (and an optional --config YAML/JSON, or a single .yaml/.json argument)
-    into the given dataclasses plus CompatArguments, which is always returned last."""
+    into the given dataclasses plus CompatArguments, which is always returned last (its `given_flags`: the flags
+    the command line or the config file set)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
@@ -315,11 +319,15 @@ def parse_args(*dataclass_types, argv: list[str] | None = None):
             config_path = arg.split("=", 1)[1]
     if config_path:
         argv = _config_to_argv(config_path) + argv  # the command line comes last, so it wins
-    argv = _cpu_precision_defaults(dataclass_types) + _drop_half_precision_on_cpu(_translate_legacy(argv))
+    argv = _drop_half_precision_on_cpu(_translate_legacy(argv))
+    given = frozenset(a[2:].partition("=")[0] for a in argv if a.startswith("--") and len(a) > 2)
+    argv = _cpu_precision_defaults(dataclass_types) + argv
     dataclass_types = tuple(dataclass_types) + (CompatArguments,)
     parse_types, shared = _without_shared_fields(dataclass_types)
     parser = HfArgumentParser(parse_types)
     try:
-        return _restore_shared_fields(dataclass_types, parser.parse_args_into_dataclasses(args=argv), shared)
+        parsed = _restore_shared_fields(dataclass_types, parser.parse_args_into_dataclasses(args=argv), shared)
     except ValueError as e:  # TrainingArguments.__post_init__ and friends: one line, no traceback
         parser.error(str(e).strip().splitlines()[0])
+    parsed[-1].given_flags = given
+    return parsed

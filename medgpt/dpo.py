@@ -29,6 +29,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .data.collator import enable_packing, packing_mode
+from .data.preference import LengthColumnMixin
 from .losses import step_rows
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def packed_pair_logps(model, inputs: dict, with_stats: bool = False):
     return logps, stats
 
 
-class MedDPOTrainer(DPOTrainer):
+class MedDPOTrainer(LengthColumnMixin, DPOTrainer):
     """TRL's DPOTrainer fed with medgpt's tokenization, and with packed pairs (see the module docstring) when
     `packing` is on and the model's attention can keep the replies apart (sdpa; eager-only models stay padded).
 

@@ -215,8 +215,28 @@ def tokenize_pairs(rows: list[dict], tokenizer, template, max_length, max_prompt
     return tokenized
 
 
+# ---------------------------------------------------------------------------------------------------
+# Length-grouped batches: a padded batch is as long as its longest pair, so pairs of similar length go together
+
+LENGTH_STRATEGIES = ("group_by_length", "batch_rebalance")  # the samplers that read --length_column_name
+
+
+def pair_length(prompt_ids, chosen_ids, rejected_ids) -> int:
+    """Tokens of a pair's longer sequence, prompt + chosen or prompt + rejected: what it adds to a padded batch."""
+    return len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
+
+
+def add_length_column(dataset, name: str):
+    """The pairs with their pair_length in column `name`, for the length-grouped sampler."""
+    if dataset is None or name in dataset.column_names:
+        return dataset
+    return dataset.map(lambda b: {name: [pair_length(*p) for p in zip(*(b[k] for k in COLUMNS))]},
+                       batched=True, desc="Measuring pair lengths")
+
+
 def build_preference_datasets(data_args, pref_args, tokenizer, template, training_args):
-    """(train, eval) datasets of prompt_ids/chosen_ids/rejected_ids for --do_train / --do_eval."""
+    """(train, eval) datasets of prompt_ids/chosen_ids/rejected_ids for --do_train / --do_eval, plus the length column
+    (--length_column_name) when the sampler groups by length."""
     max_length, max_prompt = resolve_lengths(pref_args, training_args)
     train_rows, eval_rows = load_train_eval_rows(
         data_args, preference_row, need_eval=training_args.do_eval, seed=training_args.seed)
@@ -230,11 +250,15 @@ def build_preference_datasets(data_args, pref_args, tokenizer, template, trainin
             if training_args.do_eval else None
     if training_args.do_train and train is None:
         raise DataError("no training pairs: the training data is empty")
+    if training_args.train_sampling_strategy in LENGTH_STRATEGIES:
+        name = training_args.length_column_name
+        train, evals = add_length_column(train, name), add_length_column(evals, name)
     return train, evals
 
 
 # ---------------------------------------------------------------------------------------------------
-# What reward_modeling.py, dpo_training.py and orpo_training.py share around their trainer
+# What reward_modeling.py, dpo_training.py and orpo_training.py share around their trainer (whose class takes
+# LengthColumnMixin first)
 
 def prepare_preference_stage(config_class, argv=None):
     """Parse the flags (model, data, LoRA, preference and the TRL `config_class`), prepare the run (logging, seed,
@@ -250,6 +274,7 @@ def prepare_preference_stage(config_class, argv=None):
     model_args, data_args, lora_args, pref_args, training_args, compat = parse_args(
         ModelArguments, DataArguments, LoraArguments, PreferenceArguments, config_class, argv=argv)
     resume = prepare_run(training_args, compat)
+    choose_sampling(training_args, pref_args, compat.given_flags)
     template = get_conv_template(pref_args.template_name)
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset = build_preference_datasets(data_args, pref_args, tokenizer, template, training_args)
@@ -266,3 +291,51 @@ def train_preference_stage(trainer, run, stage: str, **run_info) -> None:
     trainable_to_float32_on_cpu(trainer.model)  # QLoRA on a CPU
     train_and_save(trainer, run.training_args, run.resume, run.tokenizer, perplexity=False,
                    run_info={"template_name": run.pref_args.template_name, "stage": stage, **run_info})
+
+
+def choose_sampling(training_args, pref_args, given_flags=frozenset()) -> None:
+    """Default --train_sampling_strategy of the preference stages: group_by_length where batches are padded (reward
+    model, ORPO, DPO with --packing False), so a batch's pads stay small; random for packed DPO, which has no pads.
+    An explicit --train_sampling_strategy (or MedicalGPT's --group_by_length) wins. Logs the choice."""
+    from trl import DPOConfig
+
+    packed = isinstance(training_args, DPOConfig) and (pref_args.packing or training_args.padding_free)
+    if "train_sampling_strategy" in given_flags:
+        why = "--train_sampling_strategy"
+    elif packed:
+        why = "the default for packed DPO batches, which hold no padding"
+    else:
+        training_args.train_sampling_strategy = "group_by_length"
+        why = ("the default for padded batches: pairs of similar length share a batch, so pads stay small; "
+               "--train_sampling_strategy random draws batches at random")
+    logger.info("Training batches: train_sampling_strategy %s (%s)", training_args.train_sampling_strategy, why)
+
+
+class LengthColumnMixin:
+    """Trainer mixin for the length column (add_length_column, --length_column_name): the column stays in the datasets
+    for transformers' length-grouped samplers (train and eval; --remove_unused_columns True keeps it too) and is
+    taken out of every example before the data collator, so it never reaches the collator or the model."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_collator = WithoutKey(self.data_collator, self.args.length_column_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.length_column_name not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.args.length_column_name]
+
+
+class WithoutKey:
+    """A data collator that drops `key` from the examples first; other attributes are the wrapped collator's."""
+
+    def __init__(self, collator, key: str):
+        self.collator, self.key = collator, key
+
+    def __call__(self, examples):
+        return self.collator([{k: v for k, v in ex.items() if k != self.key} for ex in examples])
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("collator", "key"):
+            raise AttributeError(name)
+        return getattr(self.collator, name)
