@@ -60,8 +60,8 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=collator,
-        # a batch's blocks run as rows of one block each (whole pieces), as padded blocks would
-        max_packed_tokens=block_size if isolated else None,
+        # a batch's blocks run as rows of at most two blocks (whole pieces), as supervised_finetuning.py's rows
+        max_packed_tokens=2 * block_size if isolated else None,
     )
     train_and_save(trainer, training_args, resume, tokenizer)
 

@@ -35,7 +35,7 @@ def main(argv=None):
         training_args.neftune_noise_alpha = model_args.neft_alpha
     # packed padding-free rows (exact) unless --packing False; the loss never builds full-vocabulary logits
     collator, packed = build_collator(tokenizer, model, sft_args.packing)
-    max_tokens = sft_args.max_packed_tokens if sft_args.max_packed_tokens is not None else sft_args.model_max_length
+    max_tokens = sft_args.max_packed_tokens if sft_args.max_packed_tokens is not None else 2 * sft_args.model_max_length
     trainer = LeanTrainer(
         model=model,
         args=training_args,

@@ -2,7 +2,7 @@
 
 transformers' Trainer, every batch padded to its longest sample (DataCollatorForSeq2Seq,
 pad_to_multiple_of=4 as in MedicalGPT), the model's own loss on full-vocabulary logits at every
-position. Data, tokenization, model loading and LoRA are medgpt's, so the only differences from
+position, `enable_input_require_grads()` as MedicalGPT calls it. Data, tokenization, model loading and LoRA are medgpt's, so the only differences from
 supervised_finetuning.py are the batch layout and the loss. The Trainer subclass only counts tokens.
 
     python benchmarks/baseline_sft.py <the flags of supervised_finetuning.py>
@@ -34,6 +34,9 @@ def main(argv=None):
         data_args, tokenizer, get_conv_template(sft_args.template_name), sft_args.model_max_length,
         sft_args.train_on_inputs, training_args)
     model = apply_lora(load_model(model_args), lora_args, training_args)
+    # MedicalGPT's supervised_finetuning.py calls this whatever --gradient_checkpointing says, so its backward also
+    # runs through the first layer's frozen projections down to the embeddings
+    model.enable_input_require_grads()
     trainer = TokenCountingTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer,

@@ -107,7 +107,8 @@ class SFTArguments:
         default=None, metadata={"help": "With --packing: tokens per forward pass. A batch is cut into rows of at most "
                                         "this many tokens (whole samples), run one after another and accumulated into "
                                         "one optimizer step, so activation memory is that of one row. Default: "
-                                        "--model_max_length; 0: the whole batch in one row (a little faster, more memory)."})
+                                        "twice --model_max_length (every pass has a fixed cost in op overhead, so "
+                                        "rows should not be short); 0: the whole batch in one row (most memory)."})
 
 
 @dataclass

@@ -10,8 +10,9 @@ same token count the Trainer uses for its own loss (`num_items_in_batch`), so th
 training, is the same as the model's loss on full logits up to float error. Hand-written because
 transformers' Trainer and loss functions do not select positions before the head, and TRL's
 `add_fused_lm_head` (tiled log-probs) skips unsupervised positions only on Triton devices: on CPU it
-projects every position, so the head costs as much as full logits there. With packed rows of at
-most --max_packed_tokens, the kept logits are small ([<=511, vocab] per row), so no tiling is needed.
+projects every position, so the head costs as much as full logits there. For plain Linear heads the kept
+positions then go through `medgpt.lean_ops.linear_cross_entropy` (head and loss fused, chunked), so not even
+the kept logits are stored for backward.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from transformers import Trainer
 
 from .data.collator import TokenStats, base_pretrained_model, split_packed_batch
 from .data.sft import IGNORE_INDEX
+from .lean_ops import hidden_instead_of_logits, linear_cross_entropy, plain_head, use_recomputed_swiglu
 from .lora_cpu import FastCPUDropout, use_fast_cpu_dropout, use_fused_lora  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -43,19 +45,29 @@ def supervised_lm_loss(model, inputs: dict, num_items_in_batch=None):
 
     `inputs` holds input_ids, labels and the model's other inputs (attention_mask or packed
     position_ids/cu_seq_lens). Returns (loss, outputs) where outputs.logits covers only the kept
-    positions: [batch, kept, vocab]. The loss is the sum over supervised tokens divided by
-    `num_items_in_batch` (the Trainer's count across gradient accumulation) or, without it, by this
-    batch's supervised token count, exactly as transformers' ForCausalLMLoss divides."""
+    positions: [batch, kept, vocab], or is None when the loss was fused with the head. The loss is the sum over
+    supervised tokens divided by `num_items_in_batch` (the Trainer's count across gradient accumulation) or, without
+    it, by this batch's supervised token count, exactly as transformers' ForCausalLMLoss divides.
+
+    When gradients are on and the model's head is a plain Linear (medgpt.lean_ops.plain_head), the model returns its
+    final hidden states at those positions instead of logits and `linear_cross_entropy` applies the head chunk by
+    chunk, so no [positions, vocab] tensor is kept for backward."""
     labels = inputs["labels"]
     targets = labels[..., 1:]
     # positions whose next token is supervised in any row (padded batches share one set of positions)
     keep = targets.ne(IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
-    logits = outputs.logits
-    targets = targets[:, keep].to(logits.device)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    head = plain_head(model) if torch.is_grad_enabled() else None
+    with hidden_instead_of_logits(*head) if head else contextlib.nullcontext() as head_weight:
+        outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
+    targets = targets[:, keep].to(outputs.logits.device)
+    if head:
+        hidden, outputs.logits = outputs.logits, None
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head_weight, targets.reshape(-1))
+    else:
+        logits = outputs.logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else targets.ne(IGNORE_INDEX).sum()
     if torch.is_tensor(count):
         count = count.to(loss.device).clamp(min=1)
@@ -105,6 +117,8 @@ class LeanTrainer(TokenCountingTrainer):
     def __init__(self, *args, lean_loss: bool = True, max_packed_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_packed_tokens = max_packed_tokens
+        if use_recomputed_swiglu(self.model):
+            logger.info("SwiGLU MLPs: silu(gate) recomputed in backward instead of kept (medgpt/lean_ops.py)")
         if self.args.device.type == "cpu":
             if use_fast_cpu_dropout(self.model):
                 logger.info("LoRA dropout: using FastCPUDropout (a multi-draw mask, same distribution)")

@@ -172,6 +172,53 @@ def test_lean_loss_equals_full_logits_loss_on_padded_batches(smol_tokenizer):
     assert outputs.logits.shape[1] == kept < batch["input_ids"].shape[1]
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_head_and_swiglu_match_the_model_on_padded_batches(smol_tokenizer, tie):
+    """With gradients on, the loss fused with the head (medgpt.lean_ops.linear_cross_entropy, chunked) and the
+    recomputing SwiGLU give the model's own loss on full logits and the same gradients, for every parameter (the
+    head/embedding trains here), on a padded batch whose rows leave some kept positions unsupervised."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from medgpt import lean_ops
+    from medgpt.losses import supervised_lm_loss
+
+    batch = DataCollatorForSeq2Seq(smol_tokenizer, label_pad_token_id=IGNORE_INDEX)(_samples([8, 20, 13]))
+    results = []
+    for lean in (False, True):
+        model = _llama(smol_tokenizer, tie_word_embeddings=tie).train()
+        if lean:
+            assert lean_ops.use_recomputed_swiglu(model) == 2
+            assert lean_ops.plain_head(model) is not None
+            loss, outputs = supervised_lm_loss(model, batch)
+            assert outputs.logits is None  # the head ran inside the fused loss
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got, ref)
+    assert all(g is not None for g in grads.values())
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_linear_cross_entropy_chunks_and_ignored_targets():
+    from medgpt.lean_ops import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(10, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    targets = torch.tensor([1, 2, -100, 4, 29, 0, -100, 7, 8, 9])
+    full = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    full.backward()
+    ref = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    fused = linear_cross_entropy(hidden, weight, targets, chunk=3)
+    (fused * 2).backward()  # the upstream gradient scales the precomputed ones
+    torch.testing.assert_close(fused, full)
+    torch.testing.assert_close(hidden.grad, 2 * ref[0])
+    torch.testing.assert_close(weight.grad, 2 * ref[1])
+
+
 def test_token_stats_count_padding():
     stats = TokenStats()
     stats.update({"input_ids": torch.zeros(2, 5, dtype=torch.long),

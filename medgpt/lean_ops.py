@@ -1,0 +1,148 @@
+"""Memory-lean pieces of a causal LM's training step, for models whose code follows the Llama layout.
+
+* `linear_cross_entropy`: the LM head and the next-token cross-entropy together, chunk by chunk, with the gradient
+  with respect to the hidden states (and the head weight, if it trains) computed in the forward, as Liger-Kernel's
+  fused linear cross-entropy does; Liger's kernels are Triton (GPU) only. So no [positions, vocab] logits, their
+  log-softmax or their gradient outlive one chunk: with SmolLM2's 49,152-token vocabulary that is 200 KB a position
+  that would otherwise be kept from the forward to the backward (0.4 GB for a 2,000-position batch).
+* `use_recomputed_swiglu`: a SwiGLU MLP (`down(silu(gate(x)) * up(x))`) keeps gate(x) and up(x) for its backward
+  and recomputes silu there, instead of also keeping silu(gate(x)) (one [tokens, intermediate] tensor a layer:
+  180 KB a token for SmolLM2's 30 layers).
+
+Both give the same values and gradients as the unfused code up to float rounding (tests/test_packing.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+CHUNK = 1024  # positions per chunk: [1024, vocab] float logits (200 MB for a 49k vocabulary) at a time
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight^T, target_i) over targets != -100; gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            valid = t.ne(IGNORE_INDEX)
+            t = t.masked_fill(~valid, 0)
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total = total + ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                rows = torch.arange(len(t), device=t.device)
+                probs[rows, t] -= 1.0  # d CE / d logits = softmax - one-hot
+                probs.mul_(valid[:, None])
+                probs = probs.to(weight.dtype)
+                if need_h:
+                    grad_h[start:start + chunk] = probs @ weight
+                if need_w:
+                    grad_w += (probs.t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad).to(ctx.weight_dtype), None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = CHUNK) -> torch.Tensor:
+    """Summed cross-entropy of the logits `hidden @ weight^T` ([n, d] x [vocab, d]) against `targets` ([n], -100
+    ignored), without keeping [n, vocab] tensors for backward."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+# Causal LMs whose forward is `logits = lm_head(hidden_states[:, positions])` with nothing after the head (no logit
+# scaling or soft-capping, no auxiliary loss): the hidden states the head sees can stand in for the logits.
+PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "smollm3"}
+
+
+class _Passthrough(torch.nn.Module):
+    def forward(self, hidden):
+        return hidden
+
+
+def plain_head(model):
+    """(the transformers model, its head's attribute name) when `model`'s head is a plain bias-free Linear that
+    `linear_cross_entropy` can replace; else None."""
+    from .data.collator import base_pretrained_model
+
+    base = base_pretrained_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or type(head) is not torch.nn.Linear \
+            or head.bias is not None or head.weight.dim() != 2 or head.weight.numel() == 0:  # ZeRO-3 shards weights
+        return None
+    name = next((n for n, child in base.named_children() if child is head), None)
+    return (base, name) if name else None
+
+
+@contextlib.contextmanager
+def hidden_instead_of_logits(base, name: str):
+    """Within the block, the model's forward returns the hidden states its head would project as `logits`."""
+    head = getattr(base, name)
+    setattr(base, name, _Passthrough())
+    try:
+        yield head.weight
+    finally:
+        setattr(base, name, head)
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up for backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        grad_gate = (grad * up).mul_(sig).mul_(gate.mul(1.0 - sig).add_(1.0))  # silu'(g) = s (1 + g (1 - s))
+        grad_up = grad * gate * sig
+        return grad_gate, grad_up
+
+
+def _swiglu_forward(self, x):
+    return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+_SWIGLU_SOURCE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+
+
+def use_recomputed_swiglu(model) -> int:
+    """Give every MLP of `model` whose forward is exactly Llama's SwiGLU with a SiLU activation the recomputing
+    forward; returns how many MLPs got it."""
+    count, checked = 0, {}
+    for module in model.modules():
+        cls = type(module)
+        if cls not in checked:
+            try:
+                checked[cls] = _SWIGLU_SOURCE in inspect.getsource(cls.forward)
+            except (OSError, TypeError):
+                checked[cls] = False
+        act = getattr(module, "act_fn", None)
+        if checked[cls] and (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+            module.forward = types.MethodType(_swiglu_forward, module)
+            count += 1
+    return count
