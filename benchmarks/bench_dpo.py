@@ -56,7 +56,9 @@ def common_flags(args, train_dir):
              "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0.05", "--seed", str(args.seed),
              "--template_name", "chatml", "--torch_dtype", "float32", "--gradient_checkpointing", "False",
              "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True",
-             "--dataloader_num_workers", "0", "--overwrite_output_dir"]
+             "--dataloader_num_workers", "0", "--overwrite_output_dir",
+             # the same batches on both sides (dpo_training.py --packing False would group them by length)
+             "--train_sampling_strategy", "random"]
     if args.model:
         flags += ["--model_name_or_path", args.model]
     return flags + args.extra.split()

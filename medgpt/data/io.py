@@ -168,6 +168,28 @@ def convert_rows(rows: Iterable, convert, name: str, skip_invalid: bool = False)
             yield r
 
 
+def encode_rows(rows: list[dict], fields: Sequence[str], encode: Callable[[dict], Optional[dict]],
+                columns: Sequence[str], num_proc: Optional[int] = None, desc: str = ""):
+    """(datasets.Dataset of `columns`, how many rows were dropped): `encode` maps a row (its `fields` only) to a dict
+    of `columns`, or to None for a row that does not fit; with `num_proc`, in worker processes from 256 rows on."""
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{k: row[k] for k in fields} for row in rows])
+
+    def encode_batch(batch):
+        out = {k: [] for k in columns}
+        for values in zip(*(batch[k] for k in fields)):
+            enc = encode(dict(zip(fields, values)))
+            if enc is not None:
+                for k in columns:
+                    out[k].append(enc[k])
+        return out
+
+    encoded = ds.map(encode_batch, batched=True, remove_columns=ds.column_names,
+                     num_proc=num_proc if num_proc and len(rows) >= 256 else None, desc=desc)
+    return encoded, len(ds) - len(encoded)
+
+
 def _hub_rows(data_args, convert, cache_dir=None) -> dict[str, list[dict]]:
     from datasets import load_dataset
 

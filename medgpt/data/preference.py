@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from .io import DataError, load_train_eval_rows, require_str
+from .io import DataError, encode_rows, load_train_eval_rows, require_str
 from .sft import to_messages
 
 logger = logging.getLogger(__name__)
@@ -182,29 +182,15 @@ def resolve_lengths(pref_args, training_args) -> tuple[Optional[int], Optional[i
 def tokenize_pairs(rows: list[dict], tokenizer, template, max_length, max_prompt_length,
                    num_proc: Optional[int] = None, desc: str = "train"):
     """A datasets.Dataset of prompt_ids/chosen_ids/rejected_ids; pairs that do not fit are dropped and counted."""
-    from datasets import Dataset
-
     if not rows:
         return None
-    ds = Dataset.from_list([{k: r[k] for k in ("messages", "chosen", "rejected")} for r in rows])
-
-    def encode(batch):
-        out = {k: [] for k in COLUMNS}
-        for messages, chosen, rejected in zip(batch["messages"], batch["chosen"], batch["rejected"]):
-            enc = encode_pair({"messages": messages, "chosen": chosen, "rejected": rejected},
-                              tokenizer, template, max_length, max_prompt_length)
-            if enc is not None:
-                for k in COLUMNS:
-                    out[k].append(enc[k])
-        return out
-
-    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names,
-                       num_proc=num_proc if num_proc and len(rows) >= 256 else None,
-                       desc=f"Tokenizing {desc} preference pairs")
-    dropped = len(ds) - len(tokenized)
+    tokenized, dropped = encode_rows(
+        rows, ("messages", "chosen", "rejected"),
+        lambda row: encode_pair(row, tokenizer, template, max_length, max_prompt_length),
+        COLUMNS, num_proc, f"Tokenizing {desc} preference pairs")
     if dropped:
         logger.warning("%s: %d of %d pairs dropped: they do not fit in --max_length %s / --max_prompt_length %s "
-                       "(or are identical once cut)", desc, dropped, len(ds), max_length, max_prompt_length)
+                       "(or are identical once cut)", desc, dropped, len(rows), max_length, max_prompt_length)
     if len(tokenized) == 0:
         raise DataError(f"{desc}: no preference pair left after tokenization (are --max_length {max_length} / "
                         f"--max_prompt_length {max_prompt_length} too small?)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from .io import DataError
+from .io import DataError, encode_rows
 
 logger = logging.getLogger(__name__)
 
@@ -206,28 +206,15 @@ def _truncate(messages, pieces, ids, flags, tokenizer, template, max_length, eos
 def tokenize_rows(rows: list[dict], tokenizer, template, max_length: int, train_on_inputs: bool,
                   num_proc: Optional[int] = None, desc: str = "train"):
     """Tokenize normalized rows into a datasets.Dataset (input_ids, attention_mask, labels)."""
-    from datasets import Dataset
-
     if not rows:
         return None
-    ds = Dataset.from_list(rows)
-
-    def encode(batch):
-        out = {"input_ids": [], "attention_mask": [], "labels": []}
-        for messages in batch["messages"]:
-            enc = encode_conversation(messages, tokenizer, template, max_length, train_on_inputs)
-            if enc is not None:
-                for k in out:
-                    out[k].append(enc[k])
-        return out
-
-    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names,
-                       num_proc=num_proc if num_proc and len(rows) >= 256 else None,
-                       desc=f"Tokenizing {desc} conversations")
-    dropped = len(ds) - len(tokenized)
+    tokenized, dropped = encode_rows(
+        rows, ("messages",),
+        lambda row: encode_conversation(row["messages"], tokenizer, template, max_length, train_on_inputs),
+        ("input_ids", "attention_mask", "labels"), num_proc, f"Tokenizing {desc} conversations")
     if dropped:
         logger.warning("%s: %d of %d samples dropped: no assistant token fits in --model_max_length %d",
-                       desc, dropped, len(ds), max_length)
+                       desc, dropped, len(rows), max_length)
     if len(tokenized) == 0:
         raise DataError(f"{desc}: no sample left after tokenization (is --model_max_length {max_length} too small?)")
     return tokenized
