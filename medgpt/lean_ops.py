@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import types
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from .data.sft import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 CHUNK = 1024  # positions per chunk: [1024, vocab] float logits (200 MB for a 49k vocabulary) at a time
 
 
@@ -33,7 +31,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_h = torch.empty_like(hidden) if need_h else None  # every chunk fills its rows
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):

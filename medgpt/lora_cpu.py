@@ -7,8 +7,9 @@ and v each keep their own copy of the same input). On a 2-core CPU those passes 
 `use_fused_lora` gives each vanilla LoRA layer one autograd op: out = base(x) + (s / (1-p)) * ((x * mask) A^T) B^T,
 computed with one masked copy (a multiply by the 0/1 float mask), one small matmul and one fused multiply-add;
 backward recomputes the masked input from `x` (shared by the layers that read it) and a 1-byte mask. Same math, same
-dropout masks for the same seed as peft with FastCPUDropout. Layers it does not cover (DoRA and other variants, several active adapters, merged or disabled
-adapters, quantized base layers, other devices or dtypes) keep peft's forward.
+dropout masks for the same seed as peft with FastCPUDropout. Layers it does not cover (DoRA and other variants,
+several active adapters, merged or disabled adapters, quantized base layers, other devices or dtypes) keep peft's
+forward.
 """
 from __future__ import annotations
 

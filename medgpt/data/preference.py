@@ -300,15 +300,18 @@ def choose_sampling(training_args, pref_args, given_flags=frozenset()) -> None:
 class LengthColumnMixin:
     """Trainer mixin for the length column (add_length_column, --length_column_name): the column stays in the datasets
     for transformers' length-grouped samplers (train and eval; --remove_unused_columns True keeps it too) and is
-    taken out of every example before the data collator, so it never reaches the collator or the model."""
+    taken out of every example before the data collator, so it never reaches the collator or the model. Samplers that
+    read no length (build_preference_datasets adds no column then) leave the collator as it is."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.data_collator = WithoutKey(self.data_collator, self.args.length_column_name)
+        if self.args.train_sampling_strategy in LENGTH_STRATEGIES:
+            self.data_collator = WithoutKey(self.data_collator, self.args.length_column_name)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self.args.length_column_name not in self._signature_columns:
+        if self.args.train_sampling_strategy in LENGTH_STRATEGIES \
+                and self.args.length_column_name not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, self.args.length_column_name]
 
 
