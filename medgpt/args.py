@@ -15,6 +15,8 @@ from typing import Optional
 import yaml
 from transformers import HfArgumentParser
 
+from .distributed import configure_launch
+
 logger = logging.getLogger(__name__)
 
 
@@ -321,6 +323,7 @@ def parse_args(*dataclass_types, argv: list[str] | None = None):
     if config_path:
         argv = _config_to_argv(config_path) + argv  # the command line comes last, so it wins
     argv = _drop_half_precision_on_cpu(_translate_legacy(argv))
+    configure_launch(argv)  # torchrun/deepspeed launches: data-parallel (gloo on CPU), --deepspeed file checked
     given = frozenset(a[2:].partition("=")[0] for a in argv if a.startswith("--") and len(a) > 2)
     argv = _cpu_precision_defaults(dataclass_types) + argv
     dataclass_types = tuple(dataclass_types) + (CompatArguments,)

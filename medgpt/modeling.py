@@ -50,10 +50,33 @@ def load_tokenizer(model_args, padding_side: str = "right"):
     return tokenizer
 
 
-def distributed_rank() -> Optional[int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return int(os.environ.get("LOCAL_RANK", "0"))
+def sharded_training() -> Optional[str]:
+    """"ZeRO-3" or "FSDP" when the weights are to be sharded across processes by DeepSpeed or FSDP (then no
+    device_map may be passed: the engine places and partitions the weights itself), else None."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return "ZeRO-3"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1"):
+        return "FSDP"
     return None
+
+
+def _multiprocess_device_map(qconfig) -> Optional[dict]:
+    """Under torchrun/deepspeed each rank loads the model onto its own device only (never device_map="auto", which
+    would spread one copy over every GPU of the node); DeepSpeed ZeRO-3 and FSDP take no device_map at all."""
+    from .distributed import local_rank, world_size
+
+    if world_size() <= 1:
+        return None
+    sharded = sharded_training()
+    if sharded and qconfig is not None:
+        raise SystemExit(f"error: --load_in_4bit/--load_in_8bit cannot be combined with {sharded} here (bitsandbytes "
+                         "weights are not sharded): use DDP or --deepspeed zero2.json for QLoRA, or LoRA without "
+                         "quantization under ZeRO-3/FSDP")
+    if sharded:
+        return {}
+    return {"": local_rank() if has_cuda() else "cpu"}
 
 
 def quantization_config(model_args, compute_dtype=None):
@@ -108,9 +131,10 @@ def load_model(model_args, model_class=None, config_overrides: Optional[dict] = 
     qconfig = quantization_config(model_args, dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    rank = distributed_rank()
-    if rank is not None:
-        kwargs["device_map"] = {"": rank if has_cuda() else "cpu"}
+    per_rank = _multiprocess_device_map(qconfig)
+    if per_rank is not None:
+        if per_rank:
+            kwargs["device_map"] = per_rank
     elif qconfig is not None:
         kwargs["device_map"] = "auto" if has_cuda() else "cpu"
     elif has_cuda() and model_args.device_map not in (None, "", "none", "None"):

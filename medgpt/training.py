@@ -8,6 +8,8 @@ import math
 import os
 import sys
 
+from .distributed import check_enough_samples
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,6 +25,9 @@ def prepare_run(training_args, compat=None):
     passive = training_args.log_level == "passive" and training_args.process_index == 0
     logging.getLogger("medgpt").setLevel(logging.INFO if passive else log_level)
     set_seed(training_args.seed)
+    if not training_args.should_log:  # the other ranks of a multi-process run: warnings only, no progress bars
+        import datasets
+        datasets.disable_progress_bars()
 
     report_to = training_args.report_to or []
     if isinstance(report_to, str):
@@ -75,6 +80,8 @@ def train_and_save(trainer, training_args, resume_from_checkpoint=None, tokenize
     learned so far to output_dir before exiting, so no work is lost; --resume_from_checkpoint continues.
     `run_info` (e.g. the template name) is written beside the weights for inference to pick up."""
     if training_args.do_train:
+        if trainer.train_dataset is not None and hasattr(trainer.train_dataset, "__len__"):
+            check_enough_samples(len(trainer.train_dataset))
         try:
             result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         except KeyboardInterrupt:

@@ -59,6 +59,21 @@ def run_script(script: str, *args: str, timeout: int = 600, check: bool = True, 
     return proc
 
 
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, check: bool = True, env=None,
+                 launcher_args=()):
+    """Run a top-level script under `torchrun --nproc_per_node nproc` (gloo on this CPU machine), as a user would.
+    `launcher_args` go to torchrun before the script (default: --standalone, a free rendezvous port)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    launcher = list(launcher_args) or ["--standalone"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node", str(nproc),
+           str(ROOT / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\n"
+                             f"STDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
 @pytest.fixture(scope="session")
 def learnable_model_dir(tmp_path_factory, smol_tokenizer) -> str:
     """A tiny model whose weights are large enough (init std 0.2) for LoRA alone to move the loss a lot:

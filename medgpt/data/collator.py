@@ -111,7 +111,10 @@ def register_varlen_sdpa() -> str:
 
 
 def base_pretrained_model(model):
-    """The transformers model under a PEFT wrapper (or the model itself)."""
+    """The transformers model under DDP/DeepSpeed/FSDP and PEFT wrappers (or the model itself)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=True)
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
