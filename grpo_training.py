@@ -149,7 +149,8 @@ def main(argv=None):
     )
     steps = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
         training_args.num_train_epochs * len(train_dataset) * training_args.num_generations
-        / (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps))
+        / (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+           * training_args.world_size))
     logger.info("GRPO: %d questions, %d completions each, about %d steps", len(train_dataset),
                 training_args.num_generations, steps)
     train_and_save(trainer, training_args, resume, tokenizer, perplexity=False,

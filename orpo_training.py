@@ -38,6 +38,19 @@ class PretokenizedORPOTrainer(LengthColumnMixin, ORPOTrainer):
             row[f"{name}_labels"] = [IGNORE_INDEX] * len(prompt) + reply
         return row
 
+    def concatenated_forward(self, model, batch):
+        """TRL's NLL term is a mean over this process's chosen tokens and DDP then averages the processes, which
+        equals one process's mean over the global batch only when every rank holds as many tokens. Rescale it to
+        (this rank's token sum) / (token count summed over ranks) x world size, so the update is the same as one
+        process with the global batch. The count is TRL's: every real chosen token after the first."""
+        out = super().concatenated_forward(model, batch)
+        world = self.accelerator.num_processes
+        if world == 1:
+            return out
+        count = batch["chosen_attention_mask"][:, 1:].sum().to(out[4].device).float()
+        total = self.accelerator.reduce(count.clone(), reduction="sum").clamp(min=1)
+        return (*out[:4], out[4] * count * world / total, *out[5:])
+
 
 def build_trainer(argv=None):
     """(run, trainer): the flags parsed, the pairs tokenized, the model and trainer built; nothing trained yet."""

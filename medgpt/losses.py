@@ -102,10 +102,11 @@ class TokenCountingTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
-        result.metrics.update(self.token_stats.metrics("train"))
+        stats = self.token_stats.summed_over(self.accelerator)  # all processes' tokens
+        result.metrics.update(stats.metrics("train"))
         runtime = result.metrics.get("train_runtime")
         if runtime:
-            result.metrics["train_supervised_tokens_per_second"] = round(self.token_stats.supervised / runtime, 3)
+            result.metrics["train_supervised_tokens_per_second"] = round(stats.supervised / runtime, 3)
         return result
 
 

@@ -15,11 +15,26 @@ reference is the policy with its adapter switched off or swapped for a frozen co
 adapter, so LoRA PPO holds one copy of the base weights. Design after torchtune's
 recipes/ppo_full_finetune_single_device.py and the PPO-for-LM recipe of Ziegler et al. / Huang et al.
 ("The N+ implementation details of RLHF with PPO").
+
+Data-parallel (`torchrun --nproc_per_node N ppo_training.py ...`): every process holds the whole policy and
+generates, scores and trains on its 1/N share of each rollout batch (`batch_size` and `mini_batch_size` are global
+sizes, each a multiple of N). The gradients of every minibatch are summed over the processes (all-reduce: gloo on
+CPU, NCCL on GPU) after each process has divided its per-token loss sums by the minibatch's token count summed over
+all processes, and the advantage whitening and the logged statistics are taken over all processes' samples, so a
+step is the step one process would take on the whole batch. Rollouts are sampled by the Gumbel-max trick with noise
+seeded per (seed, step, sample): a sample's response does not depend on which process generates it or on the rest
+of its batch. Minibatches take an equal share from every process (each process shuffles its own share), so with
+one minibatch per rollout (the default) N processes and one process make the same update, up to float rounding.
+
+Checkpoints (`--save_steps`) hold the policy's trainable weights, the value head, optimizer, scheduler, step and
+RNG state; training resumed from one continues with the same rollouts and updates as an uninterrupted run.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import itertools
 import json
 import logging
 import math
@@ -38,6 +53,9 @@ logger = logging.getLogger(__name__)
 REF_ADAPTER = "ref"
 VALUE_HEAD_FILE = "value_head.safetensors"
 LOG_FILE = "ppo_log.jsonl"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng_state.pth"
 
 RewardFn = Callable[[list, list], "torch.Tensor | list[float]"]  # (prompt messages, response texts) -> scores
 
@@ -97,9 +115,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
+    """(x - mean) / std over the unmasked entries. `reduce` (a sum over processes, see Processes.sum) takes the
+    mean and variance over every process's entries, as one process holding them all would."""
+    reduce = reduce or (lambda t: t)
+    total, count = reduce(torch.stack([(x * mask).sum(), mask.sum()]).float())
+    count = count.clamp(min=1)
+    mean = total / count
+    var = reduce(((x - mean) ** 2 * mask).sum().float()) / count
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -122,6 +145,27 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def sample_seed(*parts) -> int:
+    """A 63-bit seed from e.g. (run seed, step, sample index): the same on every process and after a resume."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class GumbelMaxSampler:
+    """A transformers logits processor for greedy decoding that turns it into sampling at `temperature`: the argmax of
+    logits / temperature + Gumbel noise is a sample of softmax(logits / temperature) (the Gumbel-max trick). Each row
+    draws its noise from its own generator (one seed per sample), so a sample's tokens do not depend on the rest of
+    its batch, nor on which process generates it."""
+
+    def __init__(self, seeds: list[int], temperature: float, device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids, scores):
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        return scores.float() / self.temperature - torch.log(-torch.log(u))
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -162,6 +206,119 @@ class ValueHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.summary(hidden.float()).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes
+
+class Processes:
+    """The processes of a data-parallel run (torch.distributed: gloo on CPU, NCCL on GPU, the same calls); with one
+    process every collective returns its input."""
+
+    def __init__(self, training_args=None):
+        import torch.distributed as dist
+
+        from .distributed import world_size
+
+        if world_size() > 1 and not (dist.is_available() and dist.is_initialized()):
+            if training_args is not None:
+                training_args.device  # accelerate's PartialState starts the process group (gloo without CUDA)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.dist = dist
+        self.enabled = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.world = dist.get_world_size() if self.enabled else 1
+        self.rank = dist.get_rank() if self.enabled else 0
+        self.is_main = self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of `t` over all processes (a new tensor; `t` itself with one process)."""
+        if not self.enabled:
+            return t
+        t = t.clone()
+        self.dist.all_reduce(t)
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's `t` (same shape on each) concatenated along dim 0, in rank order."""
+        if not self.enabled:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        self.dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def sum_grads(self, params: list, bucket_numel: int = 1 << 24) -> None:
+        """Replace each parameter's gradient by its sum over the processes (flattened in buckets, one all-reduce each)."""
+        if not self.enabled:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket, numel = [], 0
+        for p in params + [None]:
+            if p is not None and (not bucket or (p.grad.dtype == bucket[0].grad.dtype and numel < bucket_numel)):
+                bucket.append(p)
+                numel += p.numel()
+                continue
+            if bucket:
+                flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+                self.dist.all_reduce(flat)
+                offset = 0
+                for q in bucket:
+                    q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
+                    offset += q.numel()
+            bucket, numel = ([p], p.numel()) if p is not None else ([], 0)
+
+    def broadcast_(self, tensors: list) -> None:
+        """Overwrite `tensors` with rank 0's."""
+        if self.enabled:
+            for t in tensors:
+                self.dist.broadcast(t.data, src=0)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            self.dist.barrier()
+
+    def close(self) -> None:
+        """End the process group (at the end of a run)."""
+        if self.enabled and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+            self.enabled = False
+
+
+def batch_layout(ppo_args, training_args, world: int) -> dict:
+    """Rollout prompts per step (global), samples per optimizer step (global), their per-process shares and the
+    micro-batch size; one-line SystemExit when the sizes do not split evenly over `world` processes."""
+    batch = ppo_args.batch_size or training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
+    if batch < 1:
+        raise SystemExit(f"error: --batch_size must be at least 1, got {batch}")
+    if ppo_args.mini_batch_size is not None and ppo_args.mini_batch_size < 1:
+        raise SystemExit(f"error: --mini_batch_size must be at least 1, got {ppo_args.mini_batch_size}")
+    mini = min(ppo_args.mini_batch_size or batch, batch)
+    for flag, size in (("--batch_size", batch), ("--mini_batch_size", mini)):
+        if size % world:
+            raise SystemExit(f"error: {flag} {size} does not split over {world} processes: each process takes an equal "
+                             f"share of every batch (use a multiple of {world})")
+    if ppo_args.temperature <= 0:
+        raise SystemExit(f"error: --temperature must be > 0 (PPO samples its rollouts), got {ppo_args.temperature}")
+    if ppo_args.num_ppo_epochs < 1:
+        raise SystemExit(f"error: --num_ppo_epochs must be at least 1, got {ppo_args.num_ppo_epochs}")
+    local_mini = mini // world
+    return {"batch": batch, "mini": mini, "local_batch": batch // world, "local_mini": local_mini,
+            "micro": max(1, min(training_args.per_device_train_batch_size, local_mini))}
+
+
+def build_optimizer(params: list, training_args):
+    """AdamW (--optim adamw_torch, the default, or another adamw_* name) or SGD (--optim sgd)."""
+    optim = str(getattr(training_args.optim, "value", training_args.optim))
+    if optim == "sgd":
+        return torch.optim.SGD(params, lr=training_args.learning_rate, weight_decay=training_args.weight_decay)
+    if not optim.startswith("adamw"):
+        raise SystemExit(f"error: --optim {optim}: PPO supports adamw_torch (the default) and sgd")
+    if optim not in ("adamw_torch", "adamw_torch_fused"):
+        logger.warning("--optim %s: PPO uses torch's AdamW", optim)
+    return torch.optim.AdamW(params, lr=training_args.learning_rate, weight_decay=training_args.weight_decay,
+                             betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,9 +379,13 @@ def iterate_batches(prompts: list[dict], batch_size: int, num_batches: int, seed
 
 # ---------------------------------------------------------------------------------------------------
 
+STAT_NAMES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "ratio")
+
+
 class PPOTrainer:
     """The PPO loop. `prompts`: dicts with "input_ids" (the rendered prompt's tokens) and "messages"
-    (passed to `reward_fn` together with the decoded responses)."""
+    (passed to `reward_fn` together with the decoded responses). Under torchrun every process runs it on the same
+    prompts; each generates, scores and trains on its share of every batch (see the module docstring)."""
 
     def __init__(self, policy, tokenizer, reward_fn: RewardFn, args: PPOArguments, training_args,
                  reference: Reference, stop_ids: list[int], run_info: Optional[dict] = None):
@@ -233,17 +394,18 @@ class PPOTrainer:
         self.stop_ids = stop_ids
         self.run_info = run_info or {}
         self.output_dir = training_args.output_dir
+        self.procs = Processes(training_args)
         self.device = next(policy.parameters()).device
         disable_dropout(policy)
         hidden = policy.config.get_text_config().hidden_size
         self.value_head = ValueHead(hidden).to(policy.get_output_embeddings().weight.device)
-        self.batch_size = args.batch_size or training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-        self.mini_batch_size = min(args.mini_batch_size or self.batch_size, self.batch_size)
-        self.micro_batch_size = max(1, min(training_args.per_device_train_batch_size, self.mini_batch_size))
+        layout = batch_layout(args, training_args, self.procs.world)
+        self.batch_size, self.mini_batch_size = layout["batch"], layout["mini"]
+        self.local_batch_size, self.local_mini_batch_size = layout["local_batch"], layout["local_mini"]
+        self.micro_batch_size = layout["micro"]
         params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=training_args.learning_rate, weight_decay=training_args.weight_decay,
-                                           betas=(training_args.adam_beta1, training_args.adam_beta2),
-                                           eps=training_args.adam_epsilon)
+        self.procs.broadcast_(params)  # every process starts from rank 0's trainable weights
+        self.optimizer = build_optimizer(params, training_args)
         self.kl_coef = args.kl_coef
         self.log_history: list[dict] = []
         self.global_step = 0
@@ -267,7 +429,11 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
-    def rollout(self, batch: list[dict]) -> dict:
+    def rollout(self, batch: list[dict], first_index: int = 0) -> dict:
+        """Responses, rewards, advantages and returns of `batch`, this process's share of the step's prompts;
+        `first_index`: the position of its first prompt in the step's whole batch (it seeds the sampling)."""
+        from transformers import LogitsProcessorList
+
         tok = self.tokenizer
         pad_id = tok.pad_token_id
         prompt_len = max(len(p["input_ids"]) for p in batch)
@@ -280,10 +446,12 @@ class PPOTrainer:
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
 
         self.policy.eval()
+        sampler = GumbelMaxSampler([sample_seed(self.targs.seed, "sample", self.global_step, first_index + i)
+                                    for i in range(len(batch))], self.args.temperature, self.device)
         sequences = self.policy.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.args.response_length,
-            do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
-            eos_token_id=self.stop_ids, pad_token_id=pad_id)
+            do_sample=False, num_beams=1, temperature=None, top_k=None, top_p=None,
+            logits_processor=LogitsProcessorList([sampler]), eos_token_id=self.stop_ids, pad_token_id=pad_id)
         responses = sequences[:, prompt_len:]
         # a response ends at its first stop token (kept: the model learns to stop); later tokens are padding
         is_stop = torch.isin(responses, torch.tensor(self.stop_ids, device=responses.device))
@@ -323,9 +491,9 @@ class PPOTrainer:
         last = (lengths - 1).clamp(min=0)
         rewards[torch.arange(len(batch), device=rewards.device), last] += scores
         if self.args.whiten_rewards:
-            rewards = masked_whiten(rewards, maskf, shift_mean=False)
+            rewards = masked_whiten(rewards, maskf, shift_mean=False, reduce=self.procs.sum)
         advantages, returns = gae(rewards, values, maskf, self.args.gamma, self.args.lam)
-        advantages = masked_whiten(advantages, maskf)
+        advantages = masked_whiten(advantages, maskf, reduce=self.procs.sum)
         return dict(input_ids=input_ids, attention_mask=attention_mask, responses=responses, mask=maskf,
                     logprobs=logprobs, values=values * maskf, advantages=advantages, returns=returns,
                     scores=raw_scores, kl=kl.sum(-1), non_score=(-self.kl_coef * kl).sum(-1),
@@ -333,6 +501,8 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- optimisation
     def _losses(self, data: dict, idx: torch.Tensor):
+        """Sums over the response tokens of `idx`: the loss (policy + vf_coef * value) and, without gradient, the
+        statistics of STAT_NAMES. The caller divides them by the minibatch's token count."""
         a = self.args
         R = data["responses"].shape[1]
         logits, vpred = self._forward(self.policy, data["input_ids"][idx], data["attention_mask"][idx], R, with_values=True)
@@ -343,54 +513,56 @@ class PPOTrainer:
 
         log_ratio = new_logprobs - old_logprobs
         ratio = torch.exp(log_ratio)
-        pg_loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.cliprange, 1 + a.cliprange)), mask)
+        pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - a.cliprange, 1 + a.cliprange)) * mask
         vclipped = old_values + (vpred - old_values).clamp(-a.cliprange_value, a.cliprange_value)
-        vf_loss = 0.5 * masked_mean(torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2), mask)
+        vf = 0.5 * torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2) * mask
         with torch.no_grad():
-            stats = dict(
-                policy_loss=pg_loss.item(), value_loss=vf_loss.item(),
-                entropy=masked_mean(entropy_from_logits(logits), mask).item(),
-                approx_kl=masked_mean(0.5 * log_ratio ** 2, mask).item(),
-                clipfrac=masked_mean(((ratio - 1).abs() > a.cliprange).float(), mask).item(),
-                ratio=masked_mean(ratio, mask).item())
-        return pg_loss + a.vf_coef * vf_loss, stats
+            stats = torch.stack([pg.sum(), vf.sum(), (entropy_from_logits(logits) * mask).sum(),
+                                 (0.5 * log_ratio ** 2 * mask).sum(),
+                                 (((ratio - 1).abs() > a.cliprange).float() * mask).sum(), (ratio * mask).sum()])
+        return pg.sum() + a.vf_coef * vf.sum(), stats
 
     def optimise(self, data: dict, scheduler=None) -> dict:
+        """`num_ppo_epochs` passes over the rollout in minibatches; each minibatch's loss is the mean over its
+        response tokens on all processes (per-token sums divided by the token count summed over the processes,
+        gradients summed over the processes), so it does not depend on the micro-batch size or the process count."""
         self.policy.train()
         n = data["responses"].shape[0]
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        totals: dict[str, float] = {}
-        count = 0
-        stop = False
-        for _ in range(self.args.num_ppo_epochs):
-            order = torch.randperm(n, device=self.device)
-            for s in range(0, n, self.mini_batch_size):
-                mb = order[s:s + self.mini_batch_size]
+        totals, count = None, 0
+        for epoch in range(self.args.num_ppo_epochs):
+            shuffle = torch.Generator().manual_seed(
+                sample_seed(self.targs.seed, "shuffle", self.global_step, epoch, self.procs.rank))
+            order = torch.randperm(n, generator=shuffle).to(self.device)
+            minibatches = [order[s:s + self.local_mini_batch_size] for s in range(0, n, self.local_mini_batch_size)]
+            tokens = self.procs.sum(torch.stack([data["mask"][mb].sum() for mb in minibatches])).clamp(min=1)
+            stop = False
+            for mb, n_tokens in zip(minibatches, tokens):
                 self.optimizer.zero_grad(set_to_none=True)
-                mb_stats: dict[str, float] = {}
+                sums = torch.zeros(len(STAT_NAMES), device=self.device)
                 for m in range(0, len(mb), self.micro_batch_size):
-                    micro = mb[m:m + self.micro_batch_size]
-                    loss, stats = self._losses(data, micro)
-                    (loss * len(micro) / len(mb)).backward()
-                    for k, v in stats.items():
-                        mb_stats[k] = mb_stats.get(k, 0.0) + v * len(micro) / len(mb)
+                    loss, stats = self._losses(data, mb[m:m + self.micro_batch_size])
+                    (loss / n_tokens).backward()
+                    sums += stats
+                self.procs.sum_grads(params)
                 if self.targs.max_grad_norm and self.targs.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, self.targs.max_grad_norm)
                 self.optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                for k, v in mb_stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
+                mb_stats = self.procs.sum(sums) / n_tokens
+                totals = mb_stats if totals is None else totals + mb_stats
                 count += 1
-                if self.args.early_stopping and mb_stats["approx_kl"] > 1.5 * self.args.target_kl:
+                approx_kl = mb_stats[STAT_NAMES.index("approx_kl")].item()  # the same on every process
+                if self.args.early_stopping and approx_kl > 1.5 * self.args.target_kl:
                     stop = True
                     break
             if stop:
                 logger.info("Early stop at step %d: approx KL %.4f > 1.5 x target_kl %.4f",
-                            self.global_step + 1, mb_stats["approx_kl"], self.args.target_kl)
+                            self.global_step + 1, approx_kl, self.args.target_kl)
                 break
         self.optimizer.zero_grad(set_to_none=True)
-        return {k: v / max(count, 1) for k, v in totals.items()}
+        return dict(zip(STAT_NAMES, (totals / count).tolist()))
 
     # ---------------------------------------------------------------- the loop
     def plan(self, num_prompts: int) -> tuple[int, int]:
@@ -401,7 +573,9 @@ class PPOTrainer:
             steps = min(steps, self.targs.max_steps)
         return total, steps
 
-    def train(self, prompts: list[dict]) -> dict:
+    def train(self, prompts: list[dict], resume_from_checkpoint: Optional[str] = None) -> dict:
+        """Train for the planned steps (from a checkpoint-N folder's step when `resume_from_checkpoint` is given),
+        then save the policy to output_dir. Only the main process writes files and logs progress."""
         from transformers import get_scheduler
 
         total, steps = self.plan(len(prompts))
@@ -409,37 +583,47 @@ class PPOTrainer:
         scheduler = get_scheduler(self.targs.lr_scheduler_type, self.optimizer,
                                   num_warmup_steps=self.targs.get_warmup_steps(steps * updates_per_step),
                                   num_training_steps=steps * updates_per_step)
-        os.makedirs(self.output_dir, exist_ok=True)
+        if resume_from_checkpoint:
+            self.load_checkpoint(resume_from_checkpoint, scheduler)
+        main = self.procs.is_main
         log_path = os.path.join(self.output_dir, LOG_FILE)
-        open(log_path, "w").close()
-        writer = self._tensorboard()
-        logger.info("PPO: %d prompts, %d episodes -> %d steps of %d rollouts (minibatch %d, micro-batch %d, %d epochs each)",
+        writer = None
+        if main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(log_path, "w", encoding="utf-8") as f:  # a resumed run keeps the steps it continues from
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.log_history)
+            writer = self._tensorboard()
+        logger.info("PPO: %d prompts, %d episodes -> %d steps of %d rollouts (minibatch %d, micro-batch %d, %d epochs each)%s",
                     len(prompts), total, steps, self.batch_size, self.mini_batch_size, self.micro_batch_size,
-                    self.args.num_ppo_epochs)
+                    self.args.num_ppo_epochs,
+                    f"; {self.procs.world} processes, {self.local_batch_size} rollouts each" if self.procs.world > 1 else "")
         start = time.time()
         interrupted = False
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # a killed job saves too
+        share = slice(self.procs.rank * self.local_batch_size, (self.procs.rank + 1) * self.local_batch_size)
         try:
-            for batch in iterate_batches(prompts, self.batch_size, steps, self.targs.seed):
-                data = self.rollout(batch)
+            batches = iterate_batches(prompts, self.batch_size, steps, self.targs.seed)
+            for batch in itertools.islice(batches, self.global_step, None):
+                data = self.rollout(batch[share], share.start)
                 stats = self.optimise(data, scheduler)
                 self.global_step += 1
                 self.episode += len(batch)
-                record = self._record(data, stats, scheduler, start, len(prompts))
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                if writer is not None:
-                    for k, v in record.items():
-                        if isinstance(v, (int, float)) and k not in ("step",):
-                            writer.add_scalar(f"train/{k}", v, self.global_step)
+                record = self._record(data, stats, scheduler, start, len(prompts))  # every process: gathers stats
+                if main:
+                    with open(log_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    if writer is not None:
+                        for k, v in record.items():
+                            if isinstance(v, (int, float)) and k not in ("step",):
+                                writer.add_scalar(f"train/{k}", v, self.global_step)
                 if self.global_step % max(1, int(self.targs.logging_steps or 1)) == 0 or self.global_step in (1, steps):
                     logger.info("step %d/%d  reward %.4f  kl %.4f  policy_loss %.4f  value_loss %.4f  entropy %.3f  len %.1f",
                                 self.global_step, steps, record["reward"], record["kl"], record["policy_loss"],
                                 record["value_loss"], record["entropy"], record["response_length"])
                     logger.info("  sample: %r", data["texts"][0][:200])
                 if self._should_save() and self.global_step % int(self.targs.save_steps) == 0 and self.global_step < steps:
-                    self.save(os.path.join(self.output_dir, f"checkpoint-{self.global_step}"))
+                    self.save_checkpoint(os.path.join(self.output_dir, f"checkpoint-{self.global_step}"), scheduler, steps)
         except KeyboardInterrupt:
             interrupted = True
             logger.warning("Interrupted at step %d: saving the policy to %s", self.global_step, self.output_dir)
@@ -456,18 +640,21 @@ class PPOTrainer:
         self.save(self.output_dir, metrics=metrics, max_steps=steps)
         if interrupted:
             raise KeyboardInterrupt
+        self.procs.barrier()  # no process leaves before the main one has written the output
         return metrics
 
     def _record(self, data, stats, scheduler, start, num_prompts) -> dict:
+        """The step's statistics over every process's samples (the same dict on every process)."""
+        scores, kl, non_score, lengths = (self.procs.gather(data[k]) for k in ("scores", "kl", "non_score", "lengths"))
         record = {
             "step": self.global_step,
             "episode": self.episode,
             "epoch": round(self.episode / max(num_prompts, 1), 4),
-            "reward": data["scores"].mean().item(),
-            "reward_std": data["scores"].std().item() if len(data["scores"]) > 1 else 0.0,
-            "kl": data["kl"].mean().item(),
-            "non_score_reward": data["non_score"].mean().item(),
-            "response_length": data["lengths"].mean().item(),
+            "reward": scores.mean().item(),
+            "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "kl": kl.mean().item(),
+            "non_score_reward": non_score.mean().item(),
+            "response_length": lengths.mean().item(),
             **stats,
             "learning_rate": scheduler.get_last_lr()[0] if scheduler is not None else self.targs.learning_rate,
             "elapsed_s": round(time.time() - start, 2),
@@ -494,14 +681,16 @@ class PPOTrainer:
                   or os.path.join(self.output_dir, "runs"))
         return SummaryWriter(folder)
 
-    # ---------------------------------------------------------------- saving
+    # ---------------------------------------------------------------- saving and resuming
     def save(self, path: str, metrics: Optional[dict] = None, max_steps: Optional[int] = None) -> None:
         """The policy (adapter or full model), tokenizer, value head, run info and trainer_state.json, so
-        `inference.py --lora_model PATH` (adapter) or `--base_model PATH` (full model) loads it."""
+        `inference.py --lora_model PATH` (adapter) or `--base_model PATH` (full model) loads it. Main process only."""
         from safetensors.torch import save_file
 
         from .generation import write_run_info
 
+        if not self.procs.is_main:
+            return
         os.makedirs(path, exist_ok=True)
         model = self.policy
         model.config.use_cache = True
@@ -514,7 +703,8 @@ class PPOTrainer:
                   os.path.join(path, VALUE_HEAD_FILE))
         write_run_info(path, stage="ppo", **self.run_info)
         state = {"global_step": self.global_step, "max_steps": max_steps, "episode": self.episode,
-                 "log_history": self.log_history}
+                 "batch_size": self.batch_size, "mini_batch_size": self.mini_batch_size, "seed": self.targs.seed,
+                 "world_size": self.procs.world, "log_history": self.log_history}
         with open(os.path.join(path, "trainer_state.json"), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=2)
         if metrics is not None:
@@ -522,3 +712,80 @@ class PPOTrainer:
                 with open(os.path.join(path, name), "w", encoding="utf-8") as f:
                     json.dump(metrics, f, indent=2)
         logger.info("Saved the PPO policy to %s", path)
+
+    def save_checkpoint(self, path: str, scheduler, max_steps: Optional[int] = None) -> None:
+        """save() plus what resuming needs: optimizer, scheduler and RNG state (the same on every process, so the
+        main process's copy serves all)."""
+        if not self.procs.is_main:
+            return
+        import numpy as np
+
+        self.save(path, max_steps=max_steps)
+        torch.save(self.optimizer.state_dict(), os.path.join(path, OPTIMIZER_FILE))
+        torch.save(scheduler.state_dict(), os.path.join(path, SCHEDULER_FILE))
+        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                   os.path.join(path, RNG_FILE))
+
+    def load_checkpoint(self, path: str, scheduler) -> None:
+        """Continue from a checkpoint-N folder that save_checkpoint wrote: trainable weights, value head, optimizer,
+        scheduler, RNG, step and log. (Rollout sampling and minibatch shuffles are seeded per step, so nothing else
+        carries state from one step to the next.)"""
+        import numpy as np
+        from safetensors.torch import load_file
+
+        where = f"--resume_from_checkpoint {path}"
+        for name in ("trainer_state.json", VALUE_HEAD_FILE, OPTIMIZER_FILE, SCHEDULER_FILE):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise SystemExit(f"error: {where}: no {name} there: not a PPO checkpoint (ppo_training.py writes "
+                                 "checkpoint-N folders every --save_steps steps)")
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        for key, now in (("batch_size", self.batch_size), ("mini_batch_size", self.mini_batch_size)):
+            if state.get(key) is not None and state[key] != now:
+                raise SystemExit(f"error: {where} was trained with --{key} {state[key]}, this run has {now}: "
+                                 f"resume with --{key} {state[key]}")
+        if state.get("seed") is not None and state["seed"] != self.targs.seed:
+            logger.warning("%s was trained with --seed %s, this run has --seed %s: later rollouts differ from an "
+                           "uninterrupted run's", where, state["seed"], self.targs.seed)
+        self._load_trainable(path, where)
+        self.value_head.load_state_dict(load_file(os.path.join(path, VALUE_HEAD_FILE), device=str(self.device)))
+        self.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), map_location=self.device,
+                                                  weights_only=True))
+        scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=True))
+        rng_path = os.path.join(path, RNG_FILE)
+        if os.path.isfile(rng_path):
+            rng = torch.load(rng_path, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+        self.global_step, self.episode = int(state["global_step"]), int(state.get("episode", 0))
+        self.log_history = list(state.get("log_history", []))
+        logger.info("Resuming from %s at step %d", path, self.global_step)
+
+    def _load_trainable(self, path: str, where: str) -> None:
+        from safetensors.torch import load_file
+
+        if hasattr(self.policy, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            file = os.path.join(path, "adapter_model.safetensors")
+            if not os.path.isfile(file):
+                raise SystemExit(f"error: {where}: no adapter_model.safetensors there (a full-parameter checkpoint? "
+                                 "resume with the --use_peft of the run that wrote it)")
+            result = set_peft_model_state_dict(self.policy, load_file(file), adapter_name="default")
+            unexpected = list(getattr(result, "unexpected_keys", None) or [])
+            if unexpected:
+                raise SystemExit(f"error: {where}: the adapter does not fit this policy (e.g. {unexpected[0]}): "
+                                 "resume with the model and LoRA flags of the run that wrote it")
+            return
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f != VALUE_HEAD_FILE)
+        if not files or "adapter_model.safetensors" in files:
+            raise SystemExit(f"error: {where}: no full model weights there (a LoRA checkpoint? resume with the "
+                             "--use_peft of the run that wrote it)")
+        state = {}
+        for f in files:
+            state.update(load_file(os.path.join(path, f)))
+        missing = [n for n, p in self.policy.named_parameters() if p.requires_grad and n not in state]
+        if missing:
+            raise SystemExit(f"error: {where}: {missing[0]} is missing from the checkpoint's weights")
+        self.policy.load_state_dict(state, strict=False)

@@ -237,6 +237,14 @@ class TokenStats:
             self.supervised += int(labels[..., 1:].ne(IGNORE_INDEX).sum())
         self.batches += 1
 
+    def summed_over(self, accelerator) -> "TokenStats":
+        """The counts of every process of a multi-process run added up (a collective: call it on every rank)."""
+        if accelerator is None or accelerator.num_processes == 1:
+            return self
+        counts = torch.tensor([self.processed, self.real, self.supervised, self.batches], device=accelerator.device)
+        total = accelerator.reduce(counts, reduction="sum").tolist()
+        return TokenStats(*[int(x) for x in total])
+
     @property
     def pad_fraction(self) -> float:
         return 1.0 - self.real / self.processed if self.processed else 0.0
