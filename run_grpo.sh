@@ -3,6 +3,10 @@
 #   CPU / laptop:      bash run_grpo.sh                (embedded SmolLM2-135M-Instruct, data/grpo, a few minutes)
 #   From an SFT LoRA:  bash run_grpo.sh --peft_path outputs-sft-v1
 #   GPU node:          NPROC=2 CUDA_VISIBLE_DEVICES=0,1 bash run_grpo.sh --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --template_name qwen --torch_dtype bfloat16 --bf16 True --max_steps -1 --num_train_epochs 1 --max_completion_length 512
+#   DeepSpeed:         DEEPSPEED=zero2.json NPROC=8 bash run_grpo.sh ...   (= --deepspeed zero2.json; zero1.json, zero3.json,
+#                      zero3_offload.json: ZeRO-3 with optimizer and weights offloaded to CPU RAM)
+#   Multi-node (2x8):  NNODES=2 NODE_RANK=0 MASTER_ADDR=<node 0 address> MASTER_PORT=29500 NPROC=8 bash run_grpo.sh ...
+#                      on node 0, the same with NODE_RANK=1 on node 1 (scripts/launch.sh lists the variables)
 # Extra flags are appended and override the defaults below. On a machine without CUDA, --bf16/--fp16 are dropped
 # and training runs in float32; generation uses transformers (no vLLM needed). About 4-5 minutes on a 2-core CPU;
 # on a CPU busy with other jobs, OMP_NUM_THREADS=1 bash run_grpo.sh is much faster.

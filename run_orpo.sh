@@ -5,6 +5,10 @@
 #   From SFT:       bash run_orpo.sh --peft_path outputs-sft-v1          (continue the SFT adapter)
 #                   bash run_orpo.sh --model_name_or_path merged-sft     (a merged SFT folder)
 #   GPU node:       NPROC=8 bash run_orpo.sh --model_name_or_path Qwen/Qwen2.5-7B-Instruct --template_name qwen --torch_dtype bfloat16 --bf16 --max_source_length 1024 --max_target_length 512 --per_device_train_batch_size 4 --gradient_accumulation_steps 8 --max_steps 100
+#   DeepSpeed:         DEEPSPEED=zero2.json NPROC=8 bash run_orpo.sh ...   (= --deepspeed zero2.json; zero1.json, zero3.json,
+#                      zero3_offload.json: ZeRO-3 with optimizer and weights offloaded to CPU RAM)
+#   Multi-node (2x8):  NNODES=2 NODE_RANK=0 MASTER_ADDR=<node 0 address> MASTER_PORT=29500 NPROC=8 bash run_orpo.sh ...
+#                      on node 0, the same with NODE_RANK=1 on node 1 (scripts/launch.sh lists the variables)
 # Extra flags are appended and override the defaults below. The output adapter is used with
 # inference.py --lora_model outputs-orpo-v1. On a machine without CUDA, training runs in float32.
 set -euo pipefail

@@ -3,6 +3,10 @@
 #   CPU / laptop:      bash run_pt.sh                  (embedded SmolLM2-135M-Instruct, data/pretrain, a few minutes)
 #   GPU node:          NPROC=8 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 bash run_pt.sh --model_name_or_path Qwen/Qwen2.5-0.5B --block_size 1024 --torch_dtype bfloat16 --bf16
 #   Full parameters:   bash run_pt.sh --use_peft False --learning_rate 2e-5
+#   DeepSpeed:         DEEPSPEED=zero2.json NPROC=8 bash run_pt.sh ...   (= --deepspeed zero2.json; zero1.json, zero3.json,
+#                      zero3_offload.json: ZeRO-3 with optimizer and weights offloaded to CPU RAM)
+#   Multi-node (2x8):  NNODES=2 NODE_RANK=0 MASTER_ADDR=<node 0 address> MASTER_PORT=29500 NPROC=8 bash run_pt.sh ...
+#                      on node 0, the same with NODE_RANK=1 on node 1 (scripts/launch.sh lists the variables)
 # Extra flags are appended and override the defaults below. On a machine without CUDA, --bf16/--fp16
 # are dropped and training runs in float32. 10% of the documents are held out for the eval loss and
 # perplexity (MedicalGPT evaluates on --validation_file_dir ./data/pretrain, i.e. on the training text;

@@ -3,6 +3,10 @@
 #   CPU / laptop:   bash run_rm.sh                 (embedded SmolLM2-135M-Instruct, data/reward; a few minutes)
 #   From SFT:       bash run_rm.sh --model_name_or_path merged-sft      (a merged SFT folder, see merge_peft_adapter.py)
 #   GPU node:       NPROC=8 bash run_rm.sh --model_name_or_path Qwen/Qwen2.5-7B-Instruct --template_name qwen --torch_dtype bfloat16 --bf16 --max_source_length 1024 --max_target_length 256
+#   DeepSpeed:         DEEPSPEED=zero2.json NPROC=8 bash run_rm.sh ...   (= --deepspeed zero2.json; zero1.json, zero3.json,
+#                      zero3_offload.json: ZeRO-3 with optimizer and weights offloaded to CPU RAM)
+#   Multi-node (2x8):  NNODES=2 NODE_RANK=0 MASTER_ADDR=<node 0 address> MASTER_PORT=29500 NPROC=8 bash run_rm.sh ...
+#                      on node 0, the same with NODE_RANK=1 on node 1 (scripts/launch.sh lists the variables)
 # Extra flags are appended and override the defaults below. The output scores replies with
 # medgpt.reward.RewardScorer (used by run_ppo.sh). On a machine without CUDA, training runs in float32.
 set -euo pipefail

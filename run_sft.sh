@@ -2,7 +2,11 @@
 # Stage 2: supervised fine-tuning (LoRA) with MedicalGPT's flags.
 #   CPU / laptop:      bash run_sft.sh                 (embedded SmolLM2-135M-Instruct, data/finetune)
 #   GPU node:          NPROC=8 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 bash run_sft.sh --model_name_or_path Qwen/Qwen2.5-7B-Instruct --template_name qwen --torch_dtype bfloat16 --bf16
-#   DeepSpeed ZeRO-2:  NPROC=8 bash run_sft.sh --deepspeed zero2.json
+#   DeepSpeed:         DEEPSPEED=zero2.json NPROC=8 bash run_sft.sh ...   (= --deepspeed zero2.json; zero1.json, zero3.json,
+#                      zero3_offload.json: ZeRO-3 with optimizer and weights offloaded to CPU RAM)
+#   FSDP:              accelerate launch --config_file accelerate_fsdp.yaml --num_processes 8 supervised_finetuning.py ...
+#   Multi-node (2x8):  NNODES=2 NODE_RANK=0 MASTER_ADDR=<node 0 address> MASTER_PORT=29500 NPROC=8 bash run_sft.sh ...
+#                      on node 0, the same with NODE_RANK=1 on node 1 (scripts/launch.sh lists the variables)
 # Extra flags are appended and override the defaults below. On a machine without CUDA, --bf16/--fp16
 # are dropped and training runs in float32.
 set -euo pipefail
