@@ -597,7 +597,7 @@ class PPOTrainer:
                     len(prompts), total, steps, self.batch_size, self.mini_batch_size, self.micro_batch_size,
                     self.args.num_ppo_epochs,
                     f"; {self.procs.world} processes, {self.local_batch_size} rollouts each" if self.procs.world > 1 else "")
-        start = time.time()
+        start, first_episode = time.time(), self.episode
         interrupted = False
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # a killed job saves too
@@ -633,7 +633,7 @@ class PPOTrainer:
                 writer.close()
         runtime = time.time() - start
         metrics = {"train_runtime": round(runtime, 2), "episodes": self.episode, "steps": self.global_step,
-                   "train_samples_per_second": round(self.episode / max(runtime, 1e-9), 3)}
+                   "train_samples_per_second": round((self.episode - first_episode) / max(runtime, 1e-9), 3)}
         if self.log_history:
             metrics["reward_first"] = self.log_history[0]["reward"]
             metrics["reward_last"] = self.log_history[-1]["reward"]

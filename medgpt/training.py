@@ -57,10 +57,12 @@ def prepare_run(training_args, compat=None):
             if compat is not None and compat.overwrite_output_dir:
                 logger.info("--overwrite_output_dir: not resuming from %s", last)
             else:
-                logger.info("Resuming from %s (pass --overwrite_output_dir to start afresh)", last)
+                logger.info("Found %s (pass --overwrite_output_dir to start afresh)", last)
                 resume = last
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise SystemExit(f"error: --resume_from_checkpoint {resume}: no such folder")
+    if resume:
+        logger.info("Resuming from %s", resume)
     return resume
 
 
