@@ -7,6 +7,10 @@ Prompts are the first user turn (and system prompt) of SFT-format records (share
 alpaca), or {"question"} records. The PPO algorithm itself is in medgpt/ppo.py (hand-written: TRL 1.13+
 has no PPOTrainer). With a LoRA SFT adapter, PPO continues that adapter and the output folder is an
 adapter again: `python inference.py --lora_model outputs-ppo-v1 --with_prompt --interactive`.
+
+Data-parallel: `torchrun --nproc_per_node N ppo_training.py ...` trains one policy, each process generating and
+scoring 1/N of every --batch_size rollout batch (gloo on CPU, NCCL on GPU); only the main process logs and writes.
+--save_steps writes checkpoint-N folders; --resume_from_checkpoint <folder|True> continues from one.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import logging
 import os
 import sys
 
-from transformers import TrainingArguments, set_seed
+from transformers import TrainingArguments
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 from medgpt.cli import run_main
@@ -22,7 +26,9 @@ from medgpt.data.io import DataError, load_train_eval_rows, require_str
 from medgpt.data.sft import to_messages
 from medgpt.generation import _has_tokenizer
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
-from medgpt.ppo import PPOArguments, PPOTrainer, Reference, resolve_template_name, stop_token_ids
+from medgpt.distributed import world_size
+from medgpt.ppo import PPOArguments, PPOTrainer, Reference, batch_layout, resolve_template_name, stop_token_ids
+from medgpt.training import prepare_run
 from medgpt.templates import get_conv_template
 
 logger = logging.getLogger("medgpt.ppo")
@@ -90,6 +96,24 @@ def load_policy(model_args, lora_args, ppo_args, training_args):
     return policy, tokenizer, reference
 
 
+def check_launch(ppo_args, training_args):
+    """Fail before loading anything when the launch or the batch sizes cannot work."""
+    if training_args.deepspeed:
+        from medgpt.modeling import sharded_training
+
+        if sharded_training() == "ZeRO-3":
+            raise SystemExit(f"error: --deepspeed {training_args.deepspeed}: PPO cannot run under ZeRO-3 (every process "
+                             "generates its rollouts with the whole policy each step, which ZeRO-3 shards across "
+                             "processes); launch with torchrun and no --deepspeed (data-parallel, one policy copy each)")
+        raise SystemExit(f"error: --deepspeed {training_args.deepspeed}: ppo_training.py does not run under DeepSpeed; "
+                         "launch it with torchrun and no --deepspeed: that is data-parallel already (DDP-style "
+                         "gradient all-reduce over gloo/NCCL)")
+    if training_args.fsdp:
+        raise SystemExit("error: --fsdp: ppo_training.py does not run under FSDP; launch it with torchrun and no --fsdp "
+                         "(data-parallel, one policy copy per process)")
+    batch_layout(ppo_args, training_args, world_size())
+
+
 def check_paths(ppo_args):
     """Fail before loading anything when an input model is missing."""
     if not ppo_args.reward_model_path:
@@ -114,13 +138,9 @@ def reward_function(ppo_args, device):
 def main(argv=None):
     model_args, data_args, lora_args, ppo_args, training_args, compat = parse_args(
         ModelArguments, DataArguments, LoraArguments, PPOArguments, TrainingArguments, argv=argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("error: ppo_training.py runs as one process (python ppo_training.py ...), not under torchrun")
-    logging.getLogger("medgpt").setLevel(logging.INFO)
-    set_seed(training_args.seed)
+    check_launch(ppo_args, training_args)
     check_paths(ppo_args)
-    if compat.logging_dir:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", compat.logging_dir)
+    resume = prepare_run(training_args, compat)  # log levels (other processes: warnings), seed, --resume_from_checkpoint
     rows, _ = load_train_eval_rows(data_args, prompt_row, seed=training_args.seed)
     if data_args.validation_file_dir:
         logger.info("--validation_file_dir is not used by PPO (rewards are logged on the training prompts)")
@@ -138,10 +158,11 @@ def main(argv=None):
                                    "reward_model_path": ppo_args.reward_model_path,
                                    "base_model": model_args.model_name_or_path if lora_args.use_peft else None})
     try:
-        metrics = trainer.train(prompts)
+        metrics = trainer.train(prompts, resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         sys.exit(130)
     logger.info("PPO done: %s", metrics)
+    trainer.procs.close()
 
 
 if __name__ == "__main__":

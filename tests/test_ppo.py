@@ -238,6 +238,40 @@ def test_full_parameter_ppo_lowers_a_penalised_token(tmp_path, yes_no_model_dir,
     assert (tmp_path / "ppo" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("use_peft", [True, False])
+def test_resumed_training_continues_like_an_uninterrupted_run(tmp_path, yes_no_model_dir, smol_tokenizer, use_peft):
+    """4 steps with a checkpoint at step 2; a fresh trainer resumed from checkpoint-2 logs the same steps 3-4 and ends
+    with the same weights (LoRA adapter, or the full model), value head and optimizer state."""
+    reward = lambda msgs, texts: yes_fraction(texts)  # noqa: E731
+    full, prompts = make_trainer(yes_no_model_dir, smol_tokenizer, reward, tmp_path / "full", use_peft=use_peft,
+                                 steps=4, lr=1e-3)
+    full.targs.save_strategy, full.targs.save_steps = "steps", 2
+    full.train(prompts)
+    ckpt = tmp_path / "full" / "ppo" / "checkpoint-2"
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "value_head.safetensors"} <= set(os.listdir(ckpt))
+
+    resumed, _ = make_trainer(yes_no_model_dir, smol_tokenizer, reward, tmp_path / "resumed", use_peft=use_peft,
+                              steps=4, lr=1e-3)
+    resumed.train(prompts, resume_from_checkpoint=str(ckpt))
+    assert [r["step"] for r in resumed.log_history] == [1, 2, 3, 4]
+    for a, b in zip(full.log_history, resumed.log_history):
+        for key in ("reward", "kl", "policy_loss", "value_loss", "approx_kl", "response_length", "learning_rate"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+    lines = [json.loads(line) for line in (tmp_path / "resumed" / "ppo" / "ppo_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    trained = {n: p for n, p in full.policy.named_parameters() if p.requires_grad}
+    for n, p in resumed.policy.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p, trained[n], rtol=1e-5, atol=1e-7), n
+    assert torch.allclose(resumed.value_head.summary.weight, full.value_head.summary.weight, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_from_a_folder_that_is_no_checkpoint_is_one_line(tmp_path, yes_no_model_dir, smol_tokenizer):
+    trainer, prompts = make_trainer(yes_no_model_dir, smol_tokenizer, lambda m, t: [0.0] * len(t), tmp_path, steps=1)
+    with pytest.raises(SystemExit, match="no trainer_state.json there: not a PPO checkpoint"):
+        trainer.train(prompts, resume_from_checkpoint=str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The script
 
