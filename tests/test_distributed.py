@@ -224,3 +224,14 @@ def test_more_processes_than_samples_is_one_line(tmp_path, tiny_model_dir):
     assert proc.returncode != 0
     assert "error: 1 training samples for 2 processes: each process needs at least one" in proc.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_qlora_under_zero3_is_one_line(tmp_path, tiny_model_dir):
+    proc = run_torchrun("supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, "--train_file_dir",
+                        str(ROOT / "data/finetune"), "--output_dir", str(tmp_path / "out"), "--do_train",
+                        "--load_in_4bit", "True", "--qlora", "True", "--deepspeed", str(ROOT / "zero3.json"),
+                        "--report_to", "none", nproc=2, check=False, env=DS_ENV)
+    assert proc.returncode != 0
+    assert "error: --load_in_4bit/--load_in_8bit cannot be combined with ZeRO-3 here" in proc.stderr, proc.stderr[-3000:]
+    # the ranks stop with the line, not a traceback (torchrun itself then reports the failed children)
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
