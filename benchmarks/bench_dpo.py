@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench_sft import finish, print_table, run_child, start, train_sides  # noqa: E402
 
-DEFAULT_DATA = "/work/shared/data/reward/dpo_zh_500.jsonl"
+DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "reward", "dpo_zh_500.jsonl")
 RUNS = {"baseline": ["--packing", "False"], "ours": []}
 
 

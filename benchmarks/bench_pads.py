@@ -26,7 +26,7 @@ from collections import Counter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-DEFAULT_DATA = "/work/shared/data/reward/dpo_zh_500.jsonl"
+DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "reward", "dpo_zh_500.jsonl")
 STAGES = {"rm": "reward_modeling", "orpo": "orpo_training"}
 STRATEGIES = ("random", "group_by_length")
 

@@ -25,7 +25,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-DEFAULT_DATA = "/work/shared/data/sft/medical_sft_1K_format.jsonl"
+DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "sft", "medical_sft_1K_format.jsonl")
 RUNS = {"baseline": "benchmarks/baseline_sft.py", "ours": "supervised_finetuning.py"}
 
 
@@ -90,16 +90,17 @@ def _cpu_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def run_child(script, flags, output_dir, threads=None):
-    """Run one training subprocess; its own peak RSS (wait4), wall and CPU time, and the CPU time other
-    processes took meanwhile (a shared machine distorts timings)."""
+def run_child(script, flags, output_dir, threads=None, launcher=()):
+    """Run one training subprocess (`python [launcher...] script`, e.g. launcher = torchrun's module and flags);
+    its peak RSS (wait4: the largest process of the run), wall and CPU time (all its processes), and the CPU time
+    other processes took meanwhile (a shared machine distorts timings)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     log_path = os.path.join(os.path.dirname(output_dir), os.path.basename(output_dir) + ".log")
     busy0, load0, t0 = _cpu_busy_seconds(), os.getloadavg()[0], time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags, "--output_dir", output_dir],
+        proc = subprocess.Popen([sys.executable, *launcher, os.path.join(ROOT, script), *flags, "--output_dir", output_dir],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.time() - t0
@@ -118,8 +119,8 @@ def run_child(script, flags, output_dir, threads=None):
             "metrics": metrics, "log": log_path}
 
 
-def sft_run(script, flags, output_dir, threads=None):
-    run = run_child(script, flags, output_dir, threads)
+def sft_run(script, flags, output_dir, threads=None, launcher=()):
+    run = run_child(script, flags, output_dir, threads, launcher)
     metrics = run.pop("metrics")
     run.update(supervised_tokens=metrics["train_tokens_supervised"], real_tokens=metrics["train_tokens_real"],
                processed_tokens=metrics["train_tokens_processed"], pad_fraction=metrics["train_pad_fraction"],
