@@ -10,6 +10,7 @@ adapter again: `python inference.py --lora_model outputs-ppo-v1 --with_prompt --
 
 Data-parallel: `torchrun --nproc_per_node N ppo_training.py ...` trains one policy, each process generating and
 scoring 1/N of every --batch_size rollout batch (gloo on CPU, NCCL on GPU); only the main process logs and writes.
+--deepspeed zero2.json (or zero1.json) partitions the optimizer state over the processes; ZeRO-3 is refused.
 --save_steps writes checkpoint-N folders; --resume_from_checkpoint <folder|True> continues from one.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ from medgpt.data.sft import to_messages
 from medgpt.generation import _has_tokenizer
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
 from medgpt.distributed import world_size
-from medgpt.ppo import PPOArguments, PPOTrainer, Reference, batch_layout, resolve_template_name, stop_token_ids
+from medgpt.ppo import (PPOArguments, PPOTrainer, Reference, batch_layout, deepspeed_config, resolve_template_name,
+                        stop_token_ids)
 from medgpt.training import prepare_run
 from medgpt.templates import get_conv_template
 
@@ -98,20 +100,12 @@ def load_policy(model_args, lora_args, ppo_args, training_args):
 
 def check_launch(ppo_args, training_args):
     """Fail before loading anything when the launch or the batch sizes cannot work."""
-    if training_args.deepspeed:
-        from medgpt.modeling import sharded_training
-
-        if sharded_training() == "ZeRO-3":
-            raise SystemExit(f"error: --deepspeed {training_args.deepspeed}: PPO cannot run under ZeRO-3 (every process "
-                             "generates its rollouts with the whole policy each step, which ZeRO-3 shards across "
-                             "processes); launch with torchrun and no --deepspeed (data-parallel, one policy copy each)")
-        raise SystemExit(f"error: --deepspeed {training_args.deepspeed}: ppo_training.py does not run under DeepSpeed; "
-                         "launch it with torchrun and no --deepspeed: that is data-parallel already (DDP-style "
-                         "gradient all-reduce over gloo/NCCL)")
+    layout = batch_layout(ppo_args, training_args, world_size())
+    if training_args.deepspeed:  # ZeRO-0/1/2 (with the client optimizer); ZeRO-3 is a one-line error
+        deepspeed_config(training_args, layout["micro"], world_size(), hidden_size=1)
     if training_args.fsdp:
         raise SystemExit("error: --fsdp: ppo_training.py does not run under FSDP; launch it with torchrun and no --fsdp "
-                         "(data-parallel, one policy copy per process)")
-    batch_layout(ppo_args, training_args, world_size())
+                         "(data-parallel, one policy copy per process) or with --deepspeed zero2.json")
 
 
 def check_paths(ppo_args):

@@ -56,6 +56,7 @@ LOG_FILE = "ppo_log.jsonl"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pth"
+DEEPSPEED_TAG = "deepspeed"  # the folder of a checkpoint that holds DeepSpeed's (partitioned) optimizer state
 
 RewardFn = Callable[[list, list], "torch.Tensor | list[float]"]  # (prompt messages, response texts) -> scores
 
@@ -205,7 +206,27 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.summary(hidden.float()).squeeze(-1)
+        return self.summary(hidden.to(self.summary.weight.dtype)).float().squeeze(-1)
+
+
+def lm_forward(model, input_ids, attention_mask, keep: int, hidden_states: bool = False):
+    """A causal LM's output on left-padded rows (positions count real tokens only), logits of the last `keep` positions."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 output_hidden_states=hidden_states, logits_to_keep=keep, use_cache=False)
+
+
+class PolicyWithValue(torch.nn.Module):
+    """The policy and its value head as one module (the one DeepSpeed wraps): logits of the last `keep` positions
+    and the values of the `keep - 1` positions before the last."""
+
+    def __init__(self, policy, value_head: ValueHead):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, input_ids, attention_mask, keep: int):
+        out = lm_forward(self.policy, input_ids, attention_mask, keep, hidden_states=True)
+        return out.logits, self.value_head(out.hidden_states[-1][:, -keep:-1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,6 +342,49 @@ def build_optimizer(params: list, training_args):
                              betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
 
 
+def deepspeed_config(training_args, micro_batch_size: int, world: int, hidden_size: int) -> dict:
+    """The --deepspeed config for PPO's own loop: its "auto" values filled, gradients accumulated over any number of
+    micro-batches and reduced at engine.step() (managed_gradient_accumulation false), the client optimizer allowed.
+    ZeRO-3 and an "optimizer"/"scheduler" section are one-line errors."""
+    from .distributed import check_deepspeed_config
+
+    where = f"--deepspeed {training_args.deepspeed}" if isinstance(training_args.deepspeed, str) else "--deepspeed"
+    config = copy.deepcopy(training_args.deepspeed if isinstance(training_args.deepspeed, dict)
+                           else check_deepspeed_config(training_args.deepspeed))
+    zero = config.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage == 3:
+        raise SystemExit(f"error: {where}: PPO cannot run under ZeRO-3 (every process generates its rollouts with the "
+                         "whole policy each step, which ZeRO-3 shards across processes); use zero2.json, or torchrun "
+                         "without --deepspeed")
+    if stage not in (0, 1, 2):
+        raise SystemExit(f"error: {where}: PPO needs zero_optimization.stage 0, 1 or 2, got {stage!r}")
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise SystemExit(f"error: {where}: remove its \"{section}\" section: PPO builds its own (--optim, "
+                             "--learning_rate, --lr_scheduler_type)")
+    clip = training_args.max_grad_norm if training_args.max_grad_norm and training_args.max_grad_norm > 0 else 0.0
+    fill = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": micro_batch_size * world, "gradient_clipping": clip}
+    for key, value in fill.items():
+        if config.get(key, "auto") != "auto" and config[key] != value:
+            logger.warning("%s: %s %s replaced by %s (set by PPO's batch layout and --max_grad_norm)",
+                           where, key, config[key], value)
+        config[key] = value
+    for key, enabled in (("fp16", training_args.fp16), ("bf16", training_args.bf16)):
+        if key in config and config[key].get("enabled", "auto") == "auto":
+            config[key]["enabled"] = bool(enabled)
+    for key, value in list(zero.items()):
+        if value == "auto":
+            if key == "reduce_bucket_size":
+                zero[key] = hidden_size * hidden_size
+            else:
+                del zero[key]  # DeepSpeed's default
+    config["zero_allow_untested_optimizer"] = True
+    config["managed_gradient_accumulation"] = False
+    return config
+
+
 # ---------------------------------------------------------------------------------------------------
 # The reference model
 
@@ -406,22 +470,28 @@ class PPOTrainer:
         params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.procs.broadcast_(params)  # every process starts from rank 0's trainable weights
         self.optimizer = build_optimizer(params, training_args)
+        self.actor = PolicyWithValue(policy, self.value_head)
+        self.engine = None  # --deepspeed: the engine reduces, clips and steps (ZeRO-1/2 partition the optimizer)
+        if training_args.deepspeed:
+            import deepspeed
+
+            config = deepspeed_config(training_args, self.micro_batch_size, self.procs.world, hidden)
+            self.engine, *_ = deepspeed.initialize(model=self.actor, optimizer=self.optimizer, config=config)
         self.kl_coef = args.kl_coef
         self.log_history: list[dict] = []
         self.global_step = 0
         self.episode = 0
 
     # ---------------------------------------------------------------- forward passes
-    def _forward(self, model, input_ids, attention_mask, response_len: int, with_values: bool):
-        """Temperature-scaled logits of the response positions ([B, R, V]) and, optionally, their values."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    output_hidden_states=with_values, logits_to_keep=response_len + 1, use_cache=False)
-        logits = out.logits[:, :-1].float() / (self.args.temperature + 1e-7)
-        values = None
-        if with_values:
-            values = self.value_head(out.hidden_states[-1][:, -(response_len + 1):-1])
-        return logits, values
+    def _forward(self, model, input_ids, attention_mask, response_len: int):
+        """Temperature-scaled logits of the response positions ([B, R, V]) and their values: `model` is the policy
+        with its value head (self.actor, or the DeepSpeed engine around it)."""
+        logits, values = model(input_ids, attention_mask, response_len + 1)
+        return logits[:, :-1].float() / (self.args.temperature + 1e-7), values
+
+    def _reference_logits(self, model, input_ids, attention_mask, response_len: int):
+        logits = lm_forward(model, input_ids, attention_mask, response_len + 1).logits
+        return logits[:, :-1].float() / (self.args.temperature + 1e-7)
 
     @staticmethod
     def _logprobs(logits, tokens):
@@ -467,11 +537,11 @@ class PPOTrainer:
         logprobs, ref_logprobs, values = [], [], []
         for s in range(0, len(batch), self.micro_batch_size):
             sl = slice(s, s + self.micro_batch_size)
-            logits, v = self._forward(self.policy, input_ids[sl], attention_mask[sl], R, with_values=True)
+            logits, v = self._forward(self.actor, input_ids[sl], attention_mask[sl], R)
             logprobs.append(self._logprobs(logits, responses[sl]))
             values.append(v)
             with self.reference.active() as ref:
-                ref_logits, _ = self._forward(ref, input_ids[sl], attention_mask[sl], R, with_values=False)
+                ref_logits = self._reference_logits(ref, input_ids[sl], attention_mask[sl], R)
             ref_logprobs.append(self._logprobs(ref_logits, responses[sl]))
         logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
 
@@ -505,7 +575,7 @@ class PPOTrainer:
         statistics of STAT_NAMES. The caller divides them by the minibatch's token count."""
         a = self.args
         R = data["responses"].shape[1]
-        logits, vpred = self._forward(self.policy, data["input_ids"][idx], data["attention_mask"][idx], R, with_values=True)
+        logits, vpred = self._forward(self.engine or self.actor, data["input_ids"][idx], data["attention_mask"][idx], R)
         mask = data["mask"][idx]
         new_logprobs = self._logprobs(logits, data["responses"][idx])
         old_logprobs, old_values = data["logprobs"][idx], data["values"][idx]
@@ -538,16 +608,12 @@ class PPOTrainer:
             tokens = self.procs.sum(torch.stack([data["mask"][mb].sum() for mb in minibatches])).clamp(min=1)
             stop = False
             for mb, n_tokens in zip(minibatches, tokens):
-                self.optimizer.zero_grad(set_to_none=True)
                 sums = torch.zeros(len(STAT_NAMES), device=self.device)
                 for m in range(0, len(mb), self.micro_batch_size):
                     loss, stats = self._losses(data, mb[m:m + self.micro_batch_size])
-                    (loss / n_tokens).backward()
+                    self._backward(loss / n_tokens)
                     sums += stats
-                self.procs.sum_grads(params)
-                if self.targs.max_grad_norm and self.targs.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, self.targs.max_grad_norm)
-                self.optimizer.step()
+                self._update(params)
                 if scheduler is not None:
                     scheduler.step()
                 mb_stats = self.procs.sum(sums) / n_tokens
@@ -561,8 +627,24 @@ class PPOTrainer:
                 logger.info("Early stop at step %d: approx KL %.4f > 1.5 x target_kl %.4f",
                             self.global_step + 1, approx_kl, self.args.target_kl)
                 break
-        self.optimizer.zero_grad(set_to_none=True)
         return dict(zip(STAT_NAMES, (totals / count).tolist()))
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:  # DeepSpeed averages gradients over the processes: make that their sum
+            self.engine.backward(loss * self.procs.world, scale_wrt_gas=False)
+        else:
+            loss.backward()
+
+    def _update(self, params: list) -> None:
+        """One optimizer step on the summed gradients, then zero them."""
+        if self.engine is not None:
+            self.engine.step()  # reduce (ZeRO: scatter), clip (gradient_clipping), step, zero
+            return
+        self.procs.sum_grads(params)
+        if self.targs.max_grad_norm and self.targs.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.targs.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     # ---------------------------------------------------------------- the loop
     def plan(self, num_prompts: int) -> tuple[int, int]:
@@ -715,13 +797,16 @@ class PPOTrainer:
 
     def save_checkpoint(self, path: str, scheduler, max_steps: Optional[int] = None) -> None:
         """save() plus what resuming needs: optimizer, scheduler and RNG state (the same on every process, so the
-        main process's copy serves all)."""
-        if not self.procs.is_main:
-            return
+        main process's copy serves all; under DeepSpeed every process writes its optimizer partition)."""
         import numpy as np
 
+        if self.engine is not None:  # collective: every process
+            self.engine.save_checkpoint(path, tag=DEEPSPEED_TAG, exclude_frozen_parameters=True, save_latest=False)
+        if not self.procs.is_main:
+            return
         self.save(path, max_steps=max_steps)
-        torch.save(self.optimizer.state_dict(), os.path.join(path, OPTIMIZER_FILE))
+        if self.engine is None:
+            torch.save(self.optimizer.state_dict(), os.path.join(path, OPTIMIZER_FILE))
         torch.save(scheduler.state_dict(), os.path.join(path, SCHEDULER_FILE))
         torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                    os.path.join(path, RNG_FILE))
@@ -734,12 +819,19 @@ class PPOTrainer:
         from safetensors.torch import load_file
 
         where = f"--resume_from_checkpoint {path}"
-        for name in ("trainer_state.json", VALUE_HEAD_FILE, OPTIMIZER_FILE, SCHEDULER_FILE):
+        for name in ("trainer_state.json", VALUE_HEAD_FILE, SCHEDULER_FILE):
             if not os.path.isfile(os.path.join(path, name)):
                 raise SystemExit(f"error: {where}: no {name} there: not a PPO checkpoint (ppo_training.py writes "
                                  "checkpoint-N folders every --save_steps steps)")
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
             state = json.load(f)
+        written_by_deepspeed = os.path.isdir(os.path.join(path, DEEPSPEED_TAG))
+        if written_by_deepspeed != (self.engine is not None):
+            raise SystemExit(f"error: {where} was written {'with' if written_by_deepspeed else 'without'} --deepspeed: "
+                             f"resume {'with' if written_by_deepspeed else 'without'} it")
+        if self.engine is not None and state.get("world_size") != self.procs.world:
+            raise SystemExit(f"error: {where}: a DeepSpeed checkpoint of {state.get('world_size')} processes (its "
+                             f"optimizer is partitioned that way): resume with --nproc_per_node {state.get('world_size')}")
         for key, now in (("batch_size", self.batch_size), ("mini_batch_size", self.mini_batch_size)):
             if state.get(key) is not None and state[key] != now:
                 raise SystemExit(f"error: {where} was trained with --{key} {state[key]}, this run has {now}: "
@@ -749,8 +841,12 @@ class PPOTrainer:
                            "uninterrupted run's", where, state["seed"], self.targs.seed)
         self._load_trainable(path, where)
         self.value_head.load_state_dict(load_file(os.path.join(path, VALUE_HEAD_FILE), device=str(self.device)))
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), map_location=self.device,
-                                                  weights_only=True))
+        if self.engine is not None:  # its optimizer partitions, and the fp32 weights the next steps update
+            self.engine.load_checkpoint(path, tag=DEEPSPEED_TAG, load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            self.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), map_location=self.device,
+                                                      weights_only=True))
         scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=True))
         rng_path = os.path.join(path, RNG_FILE)
         if os.path.isfile(rng_path):
