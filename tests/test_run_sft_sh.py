@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, run_script
+from conftest import ROOT, free_port, run_script
 
 # The flags of MedicalGPT's own run_sft.sh (GPU-oriented: fp16, tensorboard, gradient checkpointing,
 # device_map auto, --evaluation_strategy, --overwrite_output_dir), with the model and data swapped for
@@ -34,8 +34,10 @@ def test_medicalgpt_run_sft_flags_run_unchanged(tiny_model_dir, tmp_path):
 
 
 def test_run_sft_sh_launches_through_torchrun(tiny_model_dir, tmp_path):
+    """One process on a given rendezvous port (MASTER_PORT set: no --standalone), train + eval + save."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, MASTER_PORT="29533")
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "NNODES", "NODE_RANK", "DEEPSPEED")}
+    env.update(PYTHON=sys.executable, MASTER_PORT=str(free_port()), MASTER_ADDR="127.0.0.1", NPROC="1")
     proc = subprocess.run(["bash", str(ROOT / "run_sft.sh"), "--model_name_or_path", tiny_model_dir,
                            "--output_dir", str(out), "--max_steps", "2", "--report_to", "none"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
