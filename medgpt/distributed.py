@@ -10,7 +10,9 @@ saves). What they lack, and this module adds:
 * DeepSpeed on CPU (DS_ACCELERATOR=cpu): accelerate picks no process-group backend when there is no GPU (its
   `_prepare_backend` knows gloo only for its own CPU mode, which turns DeepSpeed off), so the state reports a world
   size of 1 and DeepSpeed's batch-size check fails ("train_batch_size is not equal to ... 2 != 2 * 1 * 2").
-  `_deepspeed_over_gloo` lets that case use gloo, the backend DeepSpeed's CPU accelerator itself uses.
+  `_gloo_without_cuda` lets that case use gloo, the backend DeepSpeed's CPU accelerator itself uses.
+* FSDP on CPU (`--fsdp "full_shard auto_wrap"`, FSDP2): the same, and accelerate's state must be told it is FSDP
+  (`_fsdp_on_cpu`); otherwise the run is silently plain DDP.
 * A `--deepspeed` file that is missing or not valid JSON stops with one line naming the file (and line).
 """
 from __future__ import annotations
@@ -72,8 +74,8 @@ def check_deepspeed_config(path: str) -> dict:
     return config
 
 
-def _deepspeed_over_gloo() -> None:
-    """Let accelerate's PartialState use gloo for DeepSpeed launches on a machine without CUDA (see the module
+def _gloo_without_cuda() -> None:
+    """Let accelerate's PartialState use gloo for DeepSpeed and FSDP launches on a machine without CUDA (see the module
     docstring); on GPUs and for every other case its own choice stands."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
@@ -84,13 +86,41 @@ def _deepspeed_over_gloo() -> None:
 
     def prepare_backend(self, cpu: bool = False, sagemaker_dp=False, backend=None):
         chosen, kind = original(self, cpu, sagemaker_dp, backend)
-        if (chosen is None and not cpu and world_size() > 1
-                and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"):
+        if chosen is None and not cpu and world_size() > 1 and not _cuda():
             return "gloo", DistributedType.MULTI_CPU
         return chosen, kind
 
     prepare_backend._medgpt_gloo = True
     PartialState._prepare_backend = prepare_backend
+
+
+def _fsdp_on_cpu() -> None:
+    """FSDP over gloo without CUDA. torch's FSDP2 (`fully_shard`) runs on CPU, but accelerate turns an FSDP plugin into
+    FSDP only for GPU-like process groups: on MULTI_CPU it silently keeps plain DDP. So MULTI_CPU + an FSDP plugin
+    becomes FSDP, in both of accelerate's shared states (AcceleratorState copies PartialState's type on re-entry)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    _gloo_without_cuda()
+    init = AcceleratorState.__init__
+    if getattr(init, "_medgpt_fsdp", False):
+        return
+
+    def state_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate itself keeps them
+
+    state_init._medgpt_fsdp = True
+    AcceleratorState.__init__ = state_init
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def configure_launch(argv: list[str]) -> None:
@@ -111,7 +141,9 @@ def configure_launch(argv: list[str]) -> None:
         return
     if ds_path:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        _deepspeed_over_gloo()
+        _gloo_without_cuda()
+    elif fsdp:
+        _fsdp_on_cpu()
     else:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if is_main_process():

@@ -84,6 +84,10 @@ def train_and_save(trainer, training_args, resume_from_checkpoint=None, tokenize
     if training_args.do_train:
         if trainer.train_dataset is not None and hasattr(trainer.train_dataset, "__len__"):
             check_enough_samples(len(trainer.train_dataset))
+        accelerator = getattr(trainer, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and trainer.is_world_process_zero():
+            logger.info("Training one model on %d processes: %s (%s)", accelerator.num_processes,
+                        accelerator.distributed_type.value, accelerator.device.type)
         try:
             result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         except KeyboardInterrupt:

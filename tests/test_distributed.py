@@ -94,6 +94,7 @@ def test_two_processes_train_the_one_process_model(stage, tmp_path, tiny_model_d
     out = tmp_path / "out"
     proc = train(script, tiny_model_dir, out, 2, *args)
     assert "2 processes train one model data-parallel over gloo (DDP)" in proc.stderr
+    assert "Training one model on 2 processes: MULTI_CPU (cpu)" in proc.stderr
     one = references(stage)
     assert_same_training(one, out)
     # only the main process writes: one output folder, metrics printed once
@@ -143,7 +144,7 @@ def test_deepspeed_lora_sft_equals_one_process(config, tmp_path, tiny_model_dir,
     script, args = STAGES["sft"]
     out = tmp_path / "out"
     proc = train(script, tiny_model_dir, out, 2, *args, "--deepspeed", str(ROOT / config), env=DS_ENV)
-    assert "data-parallel over gloo (DeepSpeed" in proc.stderr
+    assert "data-parallel over gloo (DeepSpeed" in proc.stderr and "on 2 processes: DEEPSPEED (cpu)" in proc.stderr
     assert_same_training(references("sft"), out)
 
 
@@ -178,6 +179,19 @@ def test_deepspeed_zero3_full_sft_saves_a_loadable_model(tmp_path, tiny_model_di
     proc = run_script("inference.py", "--base_model", str(out), "--prompt", "hi", "--max_new_tokens", "4",
                       "--temperature", "0", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0
+
+
+def test_fsdp_lora_sft_equals_one_process_and_loads(tmp_path, tiny_model_dir, references):
+    """--fsdp "full_shard auto_wrap" (FSDP2 over gloo here): the same model as one process; the adapter loads."""
+    script, args = STAGES["sft"]
+    out = tmp_path / "out"
+    proc = train(script, tiny_model_dir, out, 2, *args, "--fsdp", "full_shard auto_wrap")
+    assert "data-parallel over gloo (FSDP)" in proc.stderr and "on 2 processes: FSDP (cpu)" in proc.stderr
+    assert_same_training(references("sft"), out)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
 
 
 def test_deepspeed_zero2_resume_continues_as_uninterrupted(tmp_path, tiny_model_dir):
