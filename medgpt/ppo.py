@@ -300,11 +300,24 @@ class Processes:
         if self.enabled:
             self.dist.barrier()
 
+    def start_alone(self) -> None:
+        """A process group of this one process (DeepSpeed needs one even without torchrun)."""
+        if not self.dist.is_initialized():
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            for key, value in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1), ("MASTER_ADDR", "127.0.0.1"),
+                               ("MASTER_PORT", port)):
+                os.environ.setdefault(key, str(value))  # as torchrun sets them; DeepSpeed reads LOCAL_RANK
+            self.dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
     def close(self) -> None:
         """End the process group (at the end of a run)."""
-        if self.enabled and self.dist.is_initialized():
+        if self.dist.is_available() and self.dist.is_initialized():
             self.dist.destroy_process_group()
-            self.enabled = False
+        self.enabled = False
 
 
 def batch_layout(ppo_args, training_args, world: int) -> dict:
@@ -476,6 +489,7 @@ class PPOTrainer:
             import deepspeed
 
             config = deepspeed_config(training_args, self.micro_batch_size, self.procs.world, hidden)
+            self.procs.start_alone()
             self.engine, *_ = deepspeed.initialize(model=self.actor, optimizer=self.optimizer, config=config)
         self.kl_coef = args.kl_coef
         self.log_history: list[dict] = []
