@@ -5,6 +5,7 @@
 #                   (or pass --sft_model_path / --reward_model_path yourself)
 #   GPU node:       NPROC=8 bash run_ppo.sh --batch_size 64 --mini_batch_size 16 --response_length 256 --max_steps 200 --torch_dtype bfloat16
 #                   (one policy: each process rolls out --batch_size/NPROC prompts; both sizes multiples of NPROC)
+#   DeepSpeed:      DEEPSPEED=zero2.json NPROC=8 bash run_ppo.sh ...   (zero1.json or zero2.json; PPO refuses ZeRO-3)
 #   Multi-node:     NNODES=2 NODE_RANK=0 MASTER_ADDR=<node 0 address> MASTER_PORT=29500 NPROC=8 bash run_ppo.sh ...
 #                   on node 0, the same with NODE_RANK=1 on node 1 (scripts/launch.sh lists the variables)
 # The SFT output may be a LoRA adapter (PPO continues it; the result is an adapter for inference.py --lora_model)
