@@ -123,6 +123,14 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+_FSDP_FLAG = False  # set by configure_launch: --fsdp was given
+
+
+def fsdp_requested() -> bool:
+    """--fsdp on the command line, or an `accelerate launch` with an FSDP config."""
+    return _FSDP_FLAG or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+
+
 def configure_launch(argv: list[str]) -> None:
     """Called by `medgpt.args.parse_args` before TrainingArguments exist: validate --deepspeed and, for a
     multi-process launch without CUDA, make it data-parallel over gloo."""
@@ -132,7 +140,9 @@ def configure_launch(argv: list[str]) -> None:
     if ds_path:
         check_deepspeed_config(ds_path)
     fsdp = _flag_value(argv, "--fsdp")
-    fsdp = fsdp is not None and fsdp.lower() not in ("false", "0", "no")
+    global _FSDP_FLAG
+    _FSDP_FLAG = fsdp is not None and fsdp.lower() not in ("false", "0", "no")
+    fsdp = fsdp_requested()
     world = world_size()
     if world <= 1 or torch.cuda.is_available():
         if world > 1 and is_main_process():
@@ -143,6 +153,9 @@ def configure_launch(argv: list[str]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _gloo_without_cuda()
     elif fsdp:
+        if os.environ.get("FSDP_SYNC_MODULE_STATES", "false").lower() == "true":  # accelerate launch --config_file
+            raise SystemExit("error: the accelerate FSDP config sets fsdp_sync_module_states, which needs GPUs; on a "
+                             "machine without CUDA launch with torchrun and --fsdp \"full_shard auto_wrap\" instead")
         _fsdp_on_cpu()
     else:
         os.environ["ACCELERATE_USE_CPU"] = "true"

@@ -57,7 +57,9 @@ def sharded_training() -> Optional[str]:
 
     if is_deepspeed_zero3_enabled():
         return "ZeRO-3"
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1"):
+    from .distributed import fsdp_requested
+
+    if fsdp_requested():
         return "FSDP"
     return None
 
@@ -219,8 +221,9 @@ def apply_lora(model, lora_args, training_args=None, task_type: str = "CAUSAL_LM
             model = get_peft_model(model, config)
         except ValueError as e:  # e.g. a --target_modules name the model does not have
             raise SystemExit(f"error: --target_modules {targets}: {str(e).splitlines()[0]}")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 (ZeRO-3 partitions leave numel() at 0)
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     logger.info("Trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     return model
 

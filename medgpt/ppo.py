@@ -8,7 +8,8 @@ One rollout batch = `batch_size` prompts:
      the per-token reward is -kl_coef * (logp - ref_logp), plus the score on the last response token;
   4. GAE turns rewards and values into advantages and returns;
   5. `num_ppo_epochs` passes over `mini_batch_size` minibatches minimise the clipped policy loss plus
-     vf_coef * the clipped value loss (micro-batches of --per_device_train_batch_size accumulate gradients).
+     vf_coef * the clipped value loss, each a mean over the minibatch's response tokens (micro-batches of
+     --per_device_train_batch_size accumulate gradients).
 
 The value function is a linear head on the policy's last hidden state (no second model), and the
 reference is the policy with its adapter switched off or swapped for a frozen copy of the starting
@@ -25,9 +26,12 @@ step is the step one process would take on the whole batch. Rollouts are sampled
 seeded per (seed, step, sample): a sample's response does not depend on which process generates it or on the rest
 of its batch. Minibatches take an equal share from every process (each process shuffles its own share), so with
 one minibatch per rollout (the default) N processes and one process make the same update, up to float rounding.
+Under --deepspeed (ZeRO-0/1/2) the policy and value head form one DeepSpeed engine that reduces the gradients and
+steps a partitioned optimizer; ZeRO-3 is refused (generation needs the whole policy on every process every step).
 
-Checkpoints (`--save_steps`) hold the policy's trainable weights, the value head, optimizer, scheduler, step and
-RNG state; training resumed from one continues with the same rollouts and updates as an uninterrupted run.
+Checkpoints (`--save_steps`) hold the policy's trainable weights, the value head, optimizer (under DeepSpeed, each
+process's partition), scheduler, step and RNG state; training resumed from one continues with the same rollouts and
+updates as an uninterrupted run (with any process count, except a DeepSpeed checkpoint: the same count).
 """
 from __future__ import annotations
 
@@ -84,10 +88,12 @@ class PPOArguments:
     total_episodes: Optional[int] = field(
         default=None, metadata={"help": "Responses to generate in all (default: --num_train_epochs x the number of prompts)."})
     batch_size: Optional[int] = field(
-        default=None, metadata={"help": "Prompts per rollout (one PPO step). Default: --per_device_train_batch_size x "
-                                        "--gradient_accumulation_steps."})
+        default=None, metadata={"help": "Prompts per rollout (one PPO step), over all processes: under torchrun each of "
+                                        "N processes rolls out batch_size / N. Default: --per_device_train_batch_size x "
+                                        "--gradient_accumulation_steps x N."})
     mini_batch_size: Optional[int] = field(
-        default=None, metadata={"help": "Samples per optimizer step inside a rollout (default: --batch_size)."})
+        default=None, metadata={"help": "Samples per optimizer step inside a rollout, over all processes (default: "
+                                        "--batch_size; both a multiple of the process count)."})
     num_ppo_epochs: int = field(default=4, metadata={"help": "Optimisation passes over each rollout."})
     kl_coef: float = field(default=0.05, metadata={"help": "Per-token KL penalty to the reference model.",
                                                    "aliases": ["--init_kl_coef"]})
@@ -272,23 +278,20 @@ class Processes:
         """Replace each parameter's gradient by its sum over the processes (flattened in buckets, one all-reduce each)."""
         if not self.enabled:
             return
+        buckets, bucket, numel = [], [], 0
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        bucket, numel = [], 0
-        for p in params + [None]:
-            if p is not None and (not bucket or (p.grad.dtype == bucket[0].grad.dtype and numel < bucket_numel)):
-                bucket.append(p)
-                numel += p.numel()
-                continue
-            if bucket:
-                flat = torch.cat([q.grad.reshape(-1) for q in bucket])
-                self.dist.all_reduce(flat)
-                offset = 0
-                for q in bucket:
-                    q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
-                    offset += q.numel()
-            bucket, numel = ([p], p.numel()) if p is not None else ([], 0)
+            if bucket and (p.grad.dtype != bucket[0].grad.dtype or numel >= bucket_numel):
+                buckets.append(bucket)
+                bucket, numel = [], 0
+            bucket.append(p)
+            numel += p.numel()
+        for bucket in [b for b in buckets + [bucket] if b]:
+            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+            self.dist.all_reduce(flat)
+            for p, summed in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad.copy_(summed.view_as(p.grad))
 
     def broadcast_(self, tensors: list) -> None:
         """Overwrite `tensors` with rank 0's."""
@@ -343,11 +346,11 @@ def batch_layout(ppo_args, training_args, world: int) -> dict:
 
 
 def build_optimizer(params: list, training_args):
-    """AdamW (--optim adamw_torch, the default, or another adamw_* name) or SGD (--optim sgd)."""
+    """torch's AdamW (--optim adamw_torch_fused, the default, or any AdamW variant's name) or SGD (--optim sgd)."""
     optim = str(getattr(training_args.optim, "value", training_args.optim))
     if optim == "sgd":
         return torch.optim.SGD(params, lr=training_args.learning_rate, weight_decay=training_args.weight_decay)
-    if not optim.startswith("adamw"):
+    if "adamw" not in optim:
         raise SystemExit(f"error: --optim {optim}: PPO supports adamw_torch (the default) and sgd")
     if optim not in ("adamw_torch", "adamw_torch_fused"):
         logger.warning("--optim %s: PPO uses torch's AdamW", optim)

@@ -148,6 +148,15 @@ def test_deepspeed_lora_sft_equals_one_process(config, tmp_path, tiny_model_dir,
     assert_same_training(references("sft"), out)
 
 
+def test_qlora_zero2_equals_one_process(tmp_path, tiny_model_dir, references):
+    """4-bit QLoRA under DeepSpeed ZeRO-2 (2 processes) trains the one-process QLoRA model."""
+    script, args = STAGES["sft"]
+    out = tmp_path / "out"
+    qlora = ("--load_in_4bit", "True", "--qlora", "True")
+    train(script, tiny_model_dir, out, 2, *args, *qlora, "--deepspeed", str(ROOT / "zero2.json"), env=DS_ENV)
+    assert_same_training(references("sft", *qlora), out)
+
+
 @pytest.mark.parametrize("config", ["zero2.json", "zero3.json"])
 def test_deepspeed_lora_dpo_equals_one_process(config, tmp_path, tiny_model_dir, references):
     script, args = STAGES["dpo"]
@@ -244,12 +253,15 @@ def test_more_processes_than_samples_is_one_line(tmp_path, tiny_model_dir):
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-def test_qlora_under_zero3_is_one_line(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("engine,flags", [("ZeRO-3", ("--deepspeed", str(ROOT / "zero3.json"))),
+                                          ("FSDP", ("--fsdp", "full_shard auto_wrap"))])
+def test_qlora_under_sharding_is_one_line(engine, flags, tmp_path, tiny_model_dir):
     proc = run_torchrun("supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, "--train_file_dir",
                         str(ROOT / "data/finetune"), "--output_dir", str(tmp_path / "out"), "--do_train",
-                        "--load_in_4bit", "True", "--qlora", "True", "--deepspeed", str(ROOT / "zero3.json"),
+                        "--load_in_4bit", "True", "--qlora", "True", *flags,
                         "--report_to", "none", nproc=2, check=False, env=DS_ENV)
     assert proc.returncode != 0
-    assert "error: --load_in_4bit/--load_in_8bit cannot be combined with ZeRO-3 here" in proc.stderr, proc.stderr[-3000:]
+    assert f"error: --load_in_4bit/--load_in_8bit cannot be combined with {engine} here" in proc.stderr, \
+        proc.stderr[-3000:]
     # the ranks stop with the line, not a traceback (torchrun itself then reports the failed children)
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
