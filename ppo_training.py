@@ -25,13 +25,13 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 from medgpt.cli import run_main
 from medgpt.data.io import DataError, load_train_eval_rows, require_str
 from medgpt.data.sft import to_messages
+from medgpt.distributed import world_size
 from medgpt.generation import _has_tokenizer
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
-from medgpt.distributed import world_size
 from medgpt.ppo import (PPOArguments, PPOTrainer, Reference, batch_layout, deepspeed_config, resolve_template_name,
                         stop_token_ids)
-from medgpt.training import prepare_run
 from medgpt.templates import get_conv_template
+from medgpt.training import prepare_run
 
 logger = logging.getLogger("medgpt.ppo")
 
