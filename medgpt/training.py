@@ -117,6 +117,11 @@ def save_model(trainer, training_args, tokenizer=None):
     model = trainer.model
     if getattr(model, "config", None) is not None:
         model.config.use_cache = True
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
+    if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        # transformers writes no weights at all under FSDP's SHARDED_STATE_DICT (fast for checkpoints): the final
+        # output must load anywhere, so it is gathered in full
+        plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)
     if tokenizer is not None and trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
