@@ -61,7 +61,8 @@ def assert_same_training(one, two, base: dict | None = None, rtol: float = 1e-5)
     l1, l2 = losses(one), losses(two)
     assert l1[0] == pytest.approx(l2[0], rel=rtol), (l1, l2)
     a, b = tensors(one), tensors(two)
-    assert a.keys() == b.keys()
+    # (ZeRO-1/2 full saves also write a tied head, lm_head.weight, as its own tensor: a copy of the embeddings)
+    assert a.keys() <= b.keys() and all(k in a for k in b if k != "lm_head.weight"), (a.keys() ^ b.keys())
     worst = 0.0
     for k in a:
         ref = (a[k] - base[k]).abs().max() if base is not None else a[k].abs().max()
