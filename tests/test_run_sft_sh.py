@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, free_port, run_script
+from conftest import ROOT, free_port, run_torchrun
 
 # The flags of MedicalGPT's own run_sft.sh (GPU-oriented: fp16, tensorboard, gradient checkpointing,
 # device_map auto, --evaluation_strategy, --overwrite_output_dir), with the model and data swapped for
@@ -24,10 +24,14 @@ MEDICALGPT_SFT_FLAGS = """
 
 
 def test_medicalgpt_run_sft_flags_run_unchanged(tiny_model_dir, tmp_path):
+    """As MedicalGPT's run_sft.sh launches them: `torchrun --nproc_per_node 2 supervised_finetuning.py ...` (here over
+    gloo: one model, data-parallel, with gradient checkpointing and --ddp_find_unused_parameters False)."""
     out = tmp_path / "out"
     flags = MEDICALGPT_SFT_FLAGS.format(data="data/finetune/medical_sft_messages.jsonl", out=out,
                                         cache=tmp_path / "cache").split()
-    proc = run_script("supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, *flags, "--max_steps", "2")
+    proc = run_torchrun("supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, *flags, "--max_steps", "2",
+                        nproc=2)
+    assert "Training one model on 2 processes: MULTI_CPU" in proc.stderr
     assert (out / "adapter_model.safetensors").is_file()
     assert "training in float32" in proc.stderr
     assert any(p.name.startswith("events.out.tfevents") for p in out.rglob("*")), "no tensorboard log"
