@@ -12,19 +12,10 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, run_torchrun
-from test_ppo import build_reward_model, build_yes_no_model, load_safetensors
+from test_ppo import ONE_THREAD, build_reward_model, build_yes_no_model, load_safetensors, one_thread  # noqa: F401
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 B = 2  # rollouts per process and step
 STEPS = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def build_yes_no_stop_model(path, tokenizer) -> str:
