@@ -266,3 +266,39 @@ def test_qlora_under_sharding_is_one_line(engine, flags, tmp_path, tiny_model_di
         proc.stderr[-3000:]
     # the ranks stop with the line, not a traceback (torchrun itself then reports the failed children)
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
+
+def test_a_rank_that_dies_ends_the_run_without_a_finished_output(tmp_path, tiny_model_dir):
+    """Kill one training process mid-run: torchrun stops the other (no hang in its next all-reduce), exits non-zero
+    naming the failed rank, and the output folder holds no final model."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    script, args = STAGES["sft"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / script),
+           "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), "--per_device_train_batch_size", "1",
+           *COMMON, *args, "--max_steps", "100000", "--log_level", "info"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+        try:
+            deadline = time.monotonic() + 120
+            while "Training one model on 2 processes" not in log.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.5)
+            time.sleep(2)  # some steps in
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            assert len(children) == 2, children
+            os.kill(int(children[1]), signal.SIGKILL)
+            rc = proc.wait(timeout=90)  # no hang
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert rc != 0
+    assert "exitcode  : -9" in text and "FAILED" in text, text[-3000:]
+    assert not (out / "adapter_model.safetensors").exists()
