@@ -144,6 +144,10 @@ def configure_launch(argv: list[str]) -> None:
     _FSDP_FLAG = fsdp is not None and fsdp.lower() not in ("false", "0", "no")
     fsdp = fsdp_requested()
     world = world_size()
+    if world == 1 and "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        # `torchrun --nproc_per_node 1` (run_*.sh on a CPU machine): accelerate would open a one-process group with no
+        # backend of its own and transformers then warn that it is "initialized, but parallel_mode != DISTRIBUTED"
+        os.environ.pop("LOCAL_RANK")
     if world <= 1 or torch.cuda.is_available():
         if world > 1 and is_main_process():
             logger.info("%d processes: data-parallel (%s)", world,
