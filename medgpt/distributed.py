@@ -77,6 +77,7 @@ def check_deepspeed_config(path: str) -> dict:
 def _gloo_without_cuda() -> None:
     """Let accelerate's PartialState use gloo for DeepSpeed and FSDP launches on a machine without CUDA (see the module
     docstring); on GPUs and for every other case its own choice stands."""
+    import torch
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
@@ -86,7 +87,7 @@ def _gloo_without_cuda() -> None:
 
     def prepare_backend(self, cpu: bool = False, sagemaker_dp=False, backend=None):
         chosen, kind = original(self, cpu, sagemaker_dp, backend)
-        if chosen is None and not cpu and world_size() > 1 and not _cuda():
+        if chosen is None and not cpu and world_size() > 1 and not torch.cuda.is_available():
             return "gloo", DistributedType.MULTI_CPU
         return chosen, kind
 
@@ -116,11 +117,6 @@ def _fsdp_on_cpu() -> None:
 
     state_init._medgpt_fsdp = True
     AcceleratorState.__init__ = state_init
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 _FSDP_FLAG = False  # set by configure_launch: --fsdp was given

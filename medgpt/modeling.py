@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from .default_model import resolve_model_path
+from .distributed import fsdp_requested, local_rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ def sharded_training() -> Optional[str]:
 
     if is_deepspeed_zero3_enabled():
         return "ZeRO-3"
-    from .distributed import fsdp_requested
-
     if fsdp_requested():
         return "FSDP"
     return None
@@ -67,8 +66,6 @@ def sharded_training() -> Optional[str]:
 def _multiprocess_device_map(qconfig) -> Optional[dict]:
     """Under torchrun/deepspeed each rank loads the model onto its own device only (never device_map="auto", which
     would spread one copy over every GPU of the node); DeepSpeed ZeRO-3 and FSDP take no device_map at all."""
-    from .distributed import local_rank, world_size
-
     if world_size() <= 1:
         return None
     sharded = sharded_training()
