@@ -14,6 +14,7 @@ from medgpt.data.collator import build_collator
 from medgpt.data.sft import build_sft_datasets
 from medgpt.losses import LeanTrainer
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
+from medgpt.shift_attn import enable_shift_attn
 from medgpt.templates import get_conv_template
 from medgpt.training import prepare_run, train_and_save
 
@@ -29,12 +30,14 @@ def main(argv=None):
     train_dataset, eval_dataset = build_sft_datasets(
         data_args, tokenizer, template, sft_args.model_max_length, sft_args.train_on_inputs, training_args)
 
-    model = load_model(model_args, max_length=sft_args.model_max_length)
+    model = load_model(model_args, max_length=sft_args.model_max_length, shift_attn_stage=True)
     model = apply_lora(model, lora_args, training_args)
     if model_args.neft_alpha:
         training_args.neftune_noise_alpha = model_args.neft_alpha
     # packed padding-free rows (exact) unless --packing False; the loss never builds full-vocabulary logits
     collator, packed = build_collator(tokenizer, model, sft_args.packing)
+    if model_args.shift_attn:  # LongLoRA S²-Attn in training, within each packed sample
+        enable_shift_attn(model, sft_args.model_max_length)
     max_tokens = sft_args.max_packed_tokens if sft_args.max_packed_tokens is not None else 2 * sft_args.model_max_length
     trainer = LeanTrainer(
         model=model,
@@ -44,6 +47,7 @@ def main(argv=None):
         processing_class=tokenizer,
         data_collator=collator,
         max_packed_tokens=max_tokens if packed else None,
+        router_aux_loss_coef=model_args.router_aux_loss_coef,
     )
     train_and_save(trainer, training_args, resume, tokenizer, run_info={"template_name": sft_args.template_name})
 

@@ -57,7 +57,13 @@ class ModelArguments:
         default=None, metadata={"help": "With --rope_scaling: the factor itself (default: from the training length)."})
     flash_attn: bool = field(default=False, metadata={"help": "Use FlashAttention-2 (needs CUDA and flash-attn)."})
     shift_attn: bool = field(
-        default=False, metadata={"help": "LongLoRA shift short attention (accepted; not supported, warns)."})
+        default=False, metadata={"help": "SFT and PT: LongLoRA's shift short attention (S2-Attn) in training: attention in "
+                                         "groups of a quarter of the training length, half of the heads shifted by half "
+                                         "a group, within each packed sample; evaluation and generation use full "
+                                         "attention. With --rope_scaling: training on long contexts."})
+    router_aux_loss_coef: Optional[float] = field(
+        default=None, metadata={"help": "MoE models: weight of the router's load-balancing loss added to the training "
+                                        "loss (default: the model config's router_aux_loss_coef; 0: off)."})
     neft_alpha: Optional[float] = field(
         default=0, metadata={"help": "NEFTune noise alpha on the embeddings (0 = off); 5 is a common value."})
 

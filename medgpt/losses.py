@@ -28,6 +28,7 @@ from .data.collator import TokenStats, base_pretrained_model, split_packed_batch
 from .data.sft import IGNORE_INDEX
 from .lean_ops import hidden_instead_of_logits, linear_cross_entropy, plain_head, use_recomputed_swiglu
 from .lora_cpu import FastCPUDropout, use_fast_cpu_dropout, use_fused_lora  # noqa: F401 (re-exported)
+from .moe import aux_loss_coef, check_zero3, log_aux_loss_choice, router_aux_term, set_aux_loss_coef
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +116,16 @@ class LeanTrainer(TokenCountingTrainer):
     and, for packed batches, rows of at most `max_packed_tokens` run one after another within one
     optimizer step (activation memory bounded by one row, not by the whole batch)."""
 
-    def __init__(self, *args, lean_loss: bool = True, max_packed_tokens: int | None = None, **kwargs):
+    def __init__(self, *args, lean_loss: bool = True, max_packed_tokens: int | None = None,
+                 router_aux_loss_coef: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_packed_tokens = max_packed_tokens
+        # MoE: the router's load-balancing loss, weighted as the model's own forward weights it (medgpt/moe.py)
+        check_zero3(self.model)
+        self.aux_coef = aux_loss_coef(self.model, router_aux_loss_coef)
+        set_aux_loss_coef(self.model, self.aux_coef)
+        log_aux_loss_choice(self.model, self.aux_coef)
+        self._aux_losses: list[float] = []
         if use_recomputed_swiglu(self.model):
             logger.info("SwiGLU MLPs: silu(gate) recomputed in backward instead of kept (medgpt/lean_ops.py)")
         if self.args.device.type == "cpu":
@@ -137,15 +145,40 @@ class LeanTrainer(TokenCountingTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
         if num_items_in_batch is None:  # normalize every row by the whole batch, so the rows add up to its loss
             num_items_in_batch = inputs["labels"][..., 1:].ne(IGNORE_INDEX).sum()
+        total = inputs["input_ids"].shape[1]
+        for row in rows:  # MoE: each row's load-balancing loss weighted by its share of the batch's tokens
+            row["aux_weight"] = row["input_ids"].shape[1] / total
         return step_rows(self, model, rows, super().training_step, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        aux_weight = inputs.get("aux_weight", 1.0)
+        inputs = {k: v for k, v in inputs.items() if k != "aux_weight"}
+        with_aux = bool(self.aux_coef) and model.training  # evaluation reports the LM loss (and its perplexity)
+        if with_aux:
+            inputs["output_router_logits"] = True
         if not self.lean_loss or "labels" not in inputs or self.label_smoother is not None:
+            # (the model's own loss: with output_router_logits it adds router_aux_loss_coef * aux_loss itself)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
             self.token_stats.update(inputs)
-        loss, outputs = supervised_lm_loss(model, inputs, num_items_in_batch)
+        with self.accelerator.autocast():  # --bf16: the fused head + loss outside the model's forward too
+            loss, outputs = supervised_lm_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # the count is summed over devices and DDP averages gradients: scale back, as Trainer does
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        aux = router_aux_term(outputs, self.aux_coef) if with_aux else None
+        if aux is not None:
+            # the model's own `loss + coef * aux_loss`; with gradient accumulation each micro-batch's term is divided
+            # by their number when the Trainer does not divide the loss itself (num_items_in_batch normalization),
+            # so an optimizer step carries coef x the mean aux loss (transformers' Trainer would sum them)
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                aux_weight = aux_weight / max(getattr(self, "current_gradient_accumulation_steps", 1) or 1, 1)
+            loss = loss + aux.to(loss.device) * aux_weight
+            self._aux_losses.append(float(outputs.aux_loss.detach()))
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        if "loss" in logs and self._aux_losses:  # the mean router load-balancing loss since the last log (this rank)
+            logs["aux_loss"] = round(sum(self._aux_losses) / len(self._aux_losses), 6)
+            self._aux_losses.clear()
+        return super().log(logs, *args, **kwargs)

@@ -100,11 +100,12 @@ def quantization_config(model_args, compute_dtype=None):
 
 
 def load_model(model_args, model_class=None, config_overrides: Optional[dict] = None, max_length: Optional[int] = None,
-               **extra):
+               shift_attn_stage: bool = False, **extra):
     """Load a causal LM (or `model_class`, e.g. AutoModelForSequenceClassification) with the dtype,
     quantization, attention and RoPE options of `model_args`. No --model_name_or_path: the embedded default.
     `config_overrides` are set on the model config before loading (e.g. {"num_labels": 1}); `max_length` (the
-    training length) sets the --rope_scaling factor."""
+    training length) sets the --rope_scaling factor. `shift_attn_stage`: the caller applies --shift_attn itself
+    (medgpt.shift_attn.enable_shift_attn, SFT and PT); elsewhere the flag only warns."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
@@ -125,8 +126,9 @@ def load_model(model_args, model_class=None, config_overrides: Optional[dict] = 
             kwargs["attn_implementation"] = "flash_attention_2"
         except ImportError as e:
             logger.warning("--flash_attn: FlashAttention-2 unavailable (%s); using sdpa attention.", e)
-    if model_args.shift_attn:
-        logger.warning("--shift_attn (LongLoRA S2-Attn) is not supported; training with full attention.")
+    if model_args.shift_attn and not shift_attn_stage:
+        logger.warning("--shift_attn: S²-Attn is for supervised_finetuning.py and pretraining.py; this stage uses full "
+                       "attention.")
     qconfig = quantization_config(model_args, dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -187,6 +189,8 @@ def apply_lora(model, lora_args, training_args=None, task_type: str = "CAUSAL_LM
     With --use_peft False the model is returned for full-parameter training."""
     from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 
+    from .moe import moe_lora_targets
+
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if not lora_args.use_peft:
         if quantized:
@@ -203,14 +207,19 @@ def apply_lora(model, lora_args, training_args=None, task_type: str = "CAUSAL_LM
         model = PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
     else:
         targets = lora_args.target_modules or "all"
-        if targets.strip().lower() == "all":
+        all_linear = targets.strip().lower() == "all"
+        if all_linear:
             target_modules = find_all_linear_names(model)
         else:
             target_modules = [t.strip() for t in targets.split(",") if t.strip()]
+        # MoE: the fused expert weights are parameters, not modules (medgpt/moe.py)
+        target_modules, target_parameters, dropout = moe_lora_targets(model, target_modules, all_linear,
+                                                                      lora_args.lora_dropout)
         modules_to_save = [m.strip() for m in lora_args.modules_to_save.split(",")] if lora_args.modules_to_save else None
         config = LoraConfig(
             task_type=task_type, r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
-            lora_dropout=lora_args.lora_dropout, target_modules=target_modules, modules_to_save=modules_to_save,
+            lora_dropout=dropout, target_modules=target_modules, modules_to_save=modules_to_save,
+            target_parameters=target_parameters or None,
         )
         logger.info("LoRA on %s (r=%d, alpha=%s)", ",".join(target_modules), lora_args.lora_rank, lora_args.lora_alpha)
         try:
