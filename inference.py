@@ -1,8 +1,12 @@
 """Chat with a base model (+ LoRA adapter): interactively, one question, or a file of prompts.
 
-    python inference.py --lora_model outputs-sft --with_prompt --interactive
-    python inference.py --lora_model outputs-sft --with_prompt --data_file data/inference/medical_questions.txt \
+    python inference.py --lora_model outputs-sft --interactive
+    python inference.py --lora_model outputs-sft --data_file data/inference/medical_questions.txt \
         --predictions_file predictions.jsonl
+
+Inputs are wrapped in the chat template when the model is a chat model (its tokenizer has a chat template,
+the adapter was trained with one, or --template_name names one), else continued as raw text; --with_prompt
+and --raw force either.
 """
 from __future__ import annotations
 
@@ -21,7 +25,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("input and output")
-    g.add_argument("--with_prompt", action="store_true", help="Wrap each input in the chat template (needed for chat models)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--with_prompt", action="store_true", default=None,
+                      help="Wrap each input in the chat template (the default for chat models)")
+    mode.add_argument("--raw", dest="with_prompt", action="store_false",
+                      help="Continue each input as plain text: no chat template, no conversation history (the "
+                           "default for base models without a chat template)")
     g.add_argument("--interactive", action="store_true", help="Multi-turn chat in the terminal, streamed")
     g.add_argument("--prompt", default=None, help="Answer this one question and exit")
     g.add_argument("--data_file", default=None, help="A text file with one prompt a line")
@@ -50,9 +59,23 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def empty_answer_note(with_prompt: bool, is_chat_model: bool) -> str:
+    """What to show instead of an empty answer (never a silent blank)."""
+    note = "(no text: the model ended its answer at once"
+    if not with_prompt and is_chat_model:
+        note += "; raw mode continues your text as is, and a chat model usually just ends it: drop --raw"
+    elif not with_prompt:
+        note += "; raw mode continues your text as is: try --with_prompt if this is a chat model"
+    return note + ")"
+
+
 def interactive(chat, options, with_prompt: bool):
     history: list[dict] = []
-    print("Chat with the model. Commands: 'clear' forgets the conversation, 'exit' quits.", flush=True)
+    if with_prompt:
+        print("Chat with the model. Commands: 'clear' forgets the conversation, 'exit' quits.", flush=True)
+    else:
+        print("Raw mode: each line you type is continued as plain text by the model, with no chat template and "
+              "no memory of earlier lines. 'exit' quits.", flush=True)
     while True:
         try:
             text = input("\nUser: ").strip()
@@ -76,6 +99,8 @@ def interactive(chat, options, with_prompt: bool):
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]")
+        if not answer.strip():
+            print(empty_answer_note(with_prompt, chat.is_chat_model), end="")
         print(flush=True)
         history = messages + [{"role": "assistant", "content": answer.strip()}] if with_prompt else []
 
@@ -91,6 +116,16 @@ def main(argv=None):
     prompts = read_prompts(args.data_file) if args.data_file else None
     chat = load_chat_model(args)
     options = default_options(args)
+    if args.with_prompt is None:  # chat models get the chat template unless --raw says otherwise
+        args.with_prompt = chat.is_chat_model
+    if args.with_prompt:
+        logger.info("Chat mode: inputs are wrapped in the %s chat template%s", chat.template.name,
+                    "" if chat.is_chat_model else " (--with_prompt)")
+    else:
+        logger.info("Raw mode: each input is continued as plain text, no chat template%s",
+                    " (--raw)" if chat.is_chat_model else " (the model has no chat template; --with_prompt adds "
+                                                         f"the {chat.template.name} one)")
+    empty = empty_answer_note(args.with_prompt, chat.is_chat_model)
 
     def answer(batch: list[str]) -> list[str]:
         if args.with_prompt:
@@ -100,18 +135,25 @@ def main(argv=None):
     if args.interactive:
         interactive(chat, options, args.with_prompt)
     elif args.prompt:
-        print(answer([args.prompt])[0], flush=True)
+        text = answer([args.prompt])[0]
+        print(text, flush=True)
+        if not text:
+            print(f"warning: {empty}", file=sys.stderr, flush=True)
     else:
         out_dir = os.path.dirname(os.path.abspath(args.predictions_file))
         os.makedirs(out_dir, exist_ok=True)
+        n_empty = 0
         with open(args.predictions_file, "w", encoding="utf-8") as f:
             for start in range(0, len(prompts), args.batch_size):
                 batch = prompts[start:start + args.batch_size]
                 for q, a in zip(batch, answer(batch)):
                     f.write(json.dumps({"Input": q, "Output": a}, ensure_ascii=False) + "\n")
                     f.flush()  # every answer is on disk as soon as it exists
-                    print(f"Input: {q}\nOutput: {a}\n", flush=True)
+                    n_empty += not a
+                    print(f"Input: {q}\nOutput: {a or empty}\n", flush=True)
         logger.info("Wrote %d predictions to %s", len(prompts), args.predictions_file)
+        if n_empty:
+            logger.warning("%d of %d answers are empty %s", n_empty, len(prompts), empty)
 
 
 if __name__ == "__main__":

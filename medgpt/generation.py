@@ -75,6 +75,7 @@ class ChatModel:
         from .templates import get_conv_template
 
         info = read_run_info(lora_model, base_model)
+        template_given = template_name is not None or bool(info.get("template_name"))
         if template_name is None:
             template_name = info.get("template_name") or (DEFAULT_TEMPLATE if is_default(base_model) else "vicuna")
         self.template = get_conv_template(template_name)
@@ -84,12 +85,15 @@ class ChatModel:
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
+        # A chat model: its tokenizer ships a chat template, it was trained here with one (run info), or the
+        # user named one. Such a model answers a raw, unwrapped question with end-of-turn at once.
+        self.is_chat_model = template_given or bool(getattr(self.tokenizer, "chat_template", None))
         self.tokenizer.padding_side = "left"  # batched generation continues each prompt at the right edge
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        dtype = resolve_dtype(torch_dtype) if self.device.type == "cuda" else torch.float32
+        dtype = resolve_dtype(torch_dtype) if self.device.type == "cuda" or torch_dtype else torch.float32
         kwargs = {}
         q = quantization_config(type("A", (), {"load_in_4bit": load_in_4bit, "load_in_8bit": load_in_8bit})(), dtype)
         if q is not None:
