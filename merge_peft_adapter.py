@@ -38,6 +38,7 @@ def main(argv=None):
     from medgpt.data.io import DataError
     from medgpt.default_model import resolve_model_path
     from medgpt.generation import RUN_INFO_FILE, _has_tokenizer
+    from medgpt.modeling import resize_embeddings
 
     if not os.path.isfile(os.path.join(args.lora_model, "adapter_config.json")):
         raise DataError(f"{args.lora_model}: not a LoRA adapter folder (no adapter_config.json)")
@@ -53,7 +54,9 @@ def main(argv=None):
     extra = {"num_labels": 1} if model_class is AutoModelForSequenceClassification else {}
     logger.info("Base model %s, adapter %s", base_path, args.lora_model)
     model = model_class.from_pretrained(base_path, dtype=dtype, trust_remote_code=args.trust_remote_code, **extra)
-    if args.resize_emb or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    # an expanded vocabulary: new rows from their base sub-tokens' mean (medgpt_vocab.json beside the tokenizer);
+    # an adapter trained with --modules_to_save embed_tokens,lm_head then brings its own rows
+    if not resize_embeddings(model, tokenizer) and args.resize_emb:
         model.resize_token_embeddings(len(tokenizer))
     model = PeftModel.from_pretrained(model, args.lora_model).merge_and_unload()
     if getattr(model.config, "pad_token_id", None) is None:

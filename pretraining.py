@@ -19,9 +19,10 @@ from medgpt.data.collator import DocumentFlatteningCollator, enable_packing
 from medgpt.data.pretrain import build_pretrain_datasets, resolve_block_size
 from medgpt.data.sft import IGNORE_INDEX
 from medgpt.losses import LeanTrainer
-from medgpt.modeling import apply_lora, load_model, load_tokenizer
+from medgpt.modeling import apply_lora, load_model, load_tokenizer, resize_embeddings
 from medgpt.shift_attn import enable_shift_attn
 from medgpt.training import prepare_run, train_and_save
+from medgpt.vocab import copy_vocab_info
 
 logger = logging.getLogger("medgpt.pt")
 
@@ -36,10 +37,9 @@ def main(argv=None):
         data_args, pt_args, tokenizer, training_args, cache_dir=model_args.cache_dir)
 
     model = load_model(model_args, max_length=block_size, shift_attn_stage=True)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        # an extended vocabulary (--tokenizer_name_or_path); train the new rows with --modules_to_save embed_tokens,lm_head
-        logger.info("Resizing the embeddings from %d to %d tokens", model.get_input_embeddings().weight.shape[0], len(tokenizer))
-        model.resize_token_embeddings(len(tokenizer))
+    # an expanded vocabulary (--tokenizer_name_or_path, tools/merge_tokenizers.py): new rows from their sub-tokens'
+    # mean; train them with --modules_to_save embed_tokens,lm_head
+    resize_embeddings(model, tokenizer)
     model = apply_lora(model, lora_args, training_args)
     if model_args.neft_alpha:
         training_args.neftune_noise_alpha = model_args.neft_alpha
@@ -68,6 +68,8 @@ def main(argv=None):
         router_aux_loss_coef=model_args.router_aux_loss_coef,
     )
     train_and_save(trainer, training_args, resume, tokenizer)
+    if training_args.should_save:  # the sub-token record travels with the adapter's tokenizer (merge_peft_adapter.py)
+        copy_vocab_info(tokenizer.name_or_path, training_args.output_dir)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=96, help="Answer length in the report")
     p.add_argument("--question", default="What should I do if I have a fever and a headache?",
                    help="The question the final model answers at the end")
+    p.add_argument("--expand_vocab", action="store_true",
+                   help="Domain vocabulary expansion before PT: a SentencePiece model and a jieba word list built from "
+                        "data/pretrain and data/vocab/medical_terms.txt merged into the base tokenizer "
+                        "(tools/build_domain_tokenizer.py, tools/merge_tokenizers.py); PT trains with it and "
+                        "--modules_to_save embed_tokens,lm_head, later stages use the PT output's tokenizer")
+    p.add_argument("--vocab_size", type=int, default=3000, help="--expand_vocab: pieces of the domain SentencePiece model")
     p.add_argument("--stage_args", action="append", default=[], metavar="STAGE=FLAGS",
                    help="Extra flags for one stage, e.g. --stage_args 'sft=--num_train_epochs 2' (repeatable)")
     return p.parse_args(argv)
@@ -90,11 +96,30 @@ class Pipeline:
         self.run(name, ["bash", script, *flags, "--output_dir", output, *self.extra.get(name.lower(), [])],
                  output, done_file)
 
-    def merge(self, name: str, base: str | None, adapter: str, output: str):
-        cmd = [self.python, "merge_peft_adapter.py", "--lora_model", adapter, "--output_dir", output]
+    def merge(self, name: str, base: str | None, adapter: str, output: str, flags: list[str] = ()):
+        cmd = [self.python, "merge_peft_adapter.py", "--lora_model", adapter, "--output_dir", output, *flags]
         if base:
             cmd += ["--base_model", base]
         self.run(f"merge-{name}", cmd, output, "model.safetensors")
+
+
+def expand_vocab(p: Pipeline, base: str | None) -> str:
+    """Build a domain SentencePiece model and jieba word list from the PT data, merge them and the medical word list
+    into the base tokenizer; returns the merged tokenizer folder."""
+    vocab = p.path("vocab")
+    os.makedirs(vocab, exist_ok=True)
+    p.run("Vocab", [p.python, "tools/build_domain_tokenizer.py", "--in_file", "data/pretrain",
+                    "--domain_sp_model_name", os.path.join(vocab, "domain_sp"), "--vocab_size", str(p.args.vocab_size),
+                    "--word_freq_file", os.path.join(vocab, "word_freq.txt"),
+                    "--jieba_user_dict", "data/vocab/medical_terms.txt", *p.extra.get("vocab", [])],
+          vocab, "domain_sp.model")
+    merged = os.path.join(vocab, "merged_tokenizer")
+    p.run("Merge-tokenizer", [p.python, "tools/merge_tokenizers.py", "--output_dir", merged,
+                              *(["--base_tokenizer_dir", base] if base else []),
+                              "--domain_sp_model_file", os.path.join(vocab, "domain_sp.model"), "--add_words_file",
+                              "data/vocab/medical_terms.txt", os.path.join(vocab, "word_freq.txt")],
+          merged, "medgpt_vocab.json")
+    return merged
 
 
 def main(argv=None):
@@ -108,9 +133,14 @@ def main(argv=None):
 
     # Stage 1: continued pretraining (LoRA), merged so SFT starts from the adapted weights
     sft_base = base
+    pt_flags = []
+    if args.expand_vocab:
+        if "pt" not in stages:
+            raise SystemExit("error: --expand_vocab trains the new tokens in PT: add pt to --stages")
+        pt_flags = ["--tokenizer_name_or_path", expand_vocab(p, base), "--modules_to_save", "embed_tokens,lm_head"]
     if "pt" in stages:
-        p.stage("PT", "run_pt.sh", p.path("pt"), model_flag, "adapter_config.json")
-        p.merge("pt", base, p.path("pt"), p.path("pt-merged"))
+        p.stage("PT", "run_pt.sh", p.path("pt"), model_flag + pt_flags, "adapter_config.json")
+        p.merge("pt", base, p.path("pt"), p.path("pt-merged"), ["--resize_emb"] if args.expand_vocab else [])
         sft_base = p.path("pt-merged")
     # Stage 2: SFT, merged: the starting point of RM, PPO, DPO and ORPO
     p.stage("SFT", "run_sft.sh", p.path("sft"),

@@ -243,3 +243,37 @@ def trainable_to_float32_on_cpu(model) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype == torch.bfloat16:
             param.data = param.data.float()
+
+
+def resize_embeddings(model, tokenizer) -> int:
+    """Grow the input embeddings (and an untied output head) to the tokenizer's size when it has more tokens than
+    the model has rows (an expanded vocabulary, tools/merge_tokenizers.py). Each new token's rows start as the mean
+    of the base tokenizer's rows for the sub-tokens its text encodes to (recorded in medgpt.vocab.VOCAB_INFO_FILE
+    beside the tokenizer), not at random; tokens without that record get transformers' mean_resizing rows (drawn
+    around the mean of all rows). Returns how many rows were added."""
+    from .vocab import VOCAB_INFO_FILE, sub_token_ids
+
+    old, new = model.get_input_embeddings().weight.shape[0], len(tokenizer)
+    if new <= old:
+        return 0
+    model.resize_token_embeddings(new)
+    subs = sub_token_ids(getattr(tokenizer, "name_or_path", None), 0)
+    inside = sum(1 for i in subs if i < old)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head = head.weight if head is not None and head.weight is not emb else None  # tied heads follow emb
+    done = 0
+    with torch.no_grad():
+        for i, ids in subs.items():
+            if old <= i < new and all(j < old for j in ids):
+                emb[i] = emb[ids].mean(0)
+                if head is not None:
+                    head[i] = head[ids].mean(0)
+                done += 1
+    logger.info("Resized the embeddings from %d to %d rows: %d new rows set to the mean of their base sub-token "
+                "embeddings%s (%s), %d drawn around the mean of all rows", old, new, done,
+                "" if head is None else " (input and output)", VOCAB_INFO_FILE, new - old - done)
+    if inside:
+        logger.warning("%d new token ids fall in embedding rows the model already had (a padded vocabulary); those "
+                       "rows are kept as they are", inside)
+    return new - old
