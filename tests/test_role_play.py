@@ -5,7 +5,12 @@ supervised_finetuning.py trains on the output."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -165,8 +170,8 @@ class Stub:
     """An OpenAI-shaped endpoint that answers the first requests with the given error statuses, then with a
     line that names the side speaking and the turn (and, unless same_text, the persona pair)."""
 
-    def __init__(self, fail_with=(), same_text=False):
-        self.fail_with, self.same_text = list(fail_with), same_text
+    def __init__(self, fail_with=(), same_text=False, delay=0.0):
+        self.fail_with, self.same_text, self.delay = list(fail_with), same_text, delay
         self.requests = []  # (status, x-stainless-retry-count)
         self.lock = threading.Lock()
         stub = self
@@ -197,6 +202,7 @@ class Stub:
                 if status != 200:  # retry-after-ms keeps the client's backoff short in the test
                     return self.send(status, {"error": {"message": "injected", "type": "server_error"}},
                                      [("retry-after-ms", "20")])
+                time.sleep(stub.delay)
                 msgs = body["messages"]
                 side = "patient" if msgs[0]["content"].startswith(("You are role-playing a patient", "你正在扮演")) \
                     else "clinician"
@@ -286,6 +292,33 @@ def test_output_of_another_kind_is_refused(tmp_path, capsys):
     out.write_text('{"conversations": []}\n')
     with Stub() as stub, pytest.raises(DataError, match=r"d.jsonl:1: not a role-play record"):
         run_main(capsys, "--base_url", stub.url, "--output_file", str(out), "--num_dialogues", "1")
+
+
+def test_interrupted_run_resumes_without_duplicates(tmp_path):
+    out = tmp_path / "d.jsonl"
+    args = [sys.executable, str(ROOT / SCRIPT), "--output_file", str(out), "--num_dialogues", "8", "--num_turns", "2",
+            "--max_concurrency", "2", "--no_progress"]
+    with Stub(delay=0.05) as stub:
+        proc = subprocess.Popen([*args, "--base_url", stub.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 2):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: finished dialogues stay, the running ones stop
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 1, stderr
+        first = json.loads(stdout.strip().splitlines()[-1].removeprefix("summary: "))
+        assert first["interrupted"] and 2 <= first["generated"] < 8, first
+        assert "rerun the same command to continue" in stderr
+        done = read_jsonl(out)
+        assert len(done) == first["generated"]
+        rerun = subprocess.run([*args, "--base_url", stub.url], capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    s = json.loads(rerun.stdout.strip().splitlines()[-1].removeprefix("summary: "))
+    assert (s["skipped_done"], s["generated"]) == (len(done), 8 - len(done))
+    rows = read_jsonl(out)
+    assert rows[: len(done)] == done and len({r["id"] for r in rows}) == 8
+    assert len({dialogue_hash(r["conversations"]) for r in rows}) == 8
 
 
 # ------------------------------------------------------------------------------------------------
