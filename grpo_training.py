@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,7 +18,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 from medgpt.cli import run_main
-from medgpt.data.io import DataError, load_train_eval_rows, require_str
+from medgpt.data.io import DataError, load_train_eval_rows
+from medgpt.data.qa import build_prompts, qa_row
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
 from medgpt.ppo import resolve_template_name, stop_token_ids
 from medgpt.rewards import SYSTEM_PROMPT, get_reward_funcs
@@ -65,45 +65,6 @@ def _medicalgpt_trl_flags(argv: list[str]) -> list[str]:
             out.append(argv[i])
         i += 1
     return out
-
-
-def qa_row(data, where: str) -> dict:
-    if not isinstance(data, dict):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(data).__name__}")
-    question = require_str(data, "question", where)
-    if "answer" not in data:
-        raise DataError(f"{where}: missing field 'answer'")
-    answer = data["answer"]
-    if isinstance(answer, numbers.Number) and not isinstance(answer, bool):
-        answer = str(answer)
-    if not isinstance(answer, str) or not answer.strip():
-        raise DataError(f"{where}: field 'answer' must be a non-empty string or a number")
-    return {"question": question, "answer": answer}
-
-
-def build_prompts(rows: list[dict], tokenizer, template, system_prompt: str, max_prompt_length: Optional[int], desc: str):
-    """A datasets.Dataset of {"prompt": rendered text ending with the assistant header, "answer"}."""
-    from datasets import Dataset
-
-    # The template already writes any BOS text; drop it when the tokenizer adds its own BOS, so it is not doubled.
-    bos = tokenizer.bos_token
-    adds_bos = bool(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-    out, too_long = [], 0
-    for row in rows:
-        text = template.render([{"role": "user", "content": row["question"]}], system_prompt=system_prompt,
-                               add_generation_prompt=True, eos_token=tokenizer.eos_token or "</s>")
-        if adds_bos and text.startswith(bos):
-            text = text[len(bos):]
-        if max_prompt_length and len(tokenizer(text)["input_ids"]) > max_prompt_length:
-            too_long += 1
-            continue
-        out.append({"prompt": text, "answer": row["answer"]})
-    if too_long:
-        logger.warning("%s: skipped %d of %d prompts longer than --max_prompt_length %d", desc, too_long, len(rows),
-                       max_prompt_length)
-    if rows and not out:
-        raise DataError(f"{desc}: no prompt fits in --max_prompt_length {max_prompt_length}")
-    return Dataset.from_list(out) if out else None
 
 
 def main(argv=None):

@@ -23,9 +23,12 @@ exactly what supervised fine-tuning trains on (each reply plus its end-of-turn m
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from .data.io import DataError
 
 __all__ = ["Conversation", "register_conv_template", "get_conv_template", "list_templates"]
 
@@ -217,10 +220,17 @@ def list_templates() -> List[str]:
     return sorted(conv_templates)
 
 
+class UnknownTemplateError(DataError):
+    """An unknown template name (a ValueError; the scripts print its one line instead of a traceback)."""
+
+
 def get_conv_template(name: str) -> Conversation:
-    """A copy of the registered template ``name``; unknown names raise ValueError listing the valid ones."""
+    """A copy of the registered template ``name``; an unknown name raises UnknownTemplateError, one line naming the
+    close matches and listing the valid names."""
     if name not in conv_templates:
-        raise ValueError(f"Unknown template {name!r}. Valid names: {', '.join(list_templates())}")
+        close = difflib.get_close_matches(str(name).lower(), list_templates(), n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise UnknownTemplateError(f"Unknown template {name!r}{hint}. Valid names: {', '.join(list_templates())}")
     return copy.deepcopy(conv_templates[name])
 
 

@@ -6,6 +6,7 @@ each record, and hand clean rows to `datasets.Dataset` for map/cache.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -30,80 +31,208 @@ class Record:
 
 
 def find_data_files(directory: str, extensions: Sequence[str] = (".json", ".jsonl")) -> list[str]:
-    """All files under `directory` (recursively) with one of `extensions`, sorted."""
+    """All files under `directory` (recursively) with one of `extensions`, sorted; `directory` may also be one file."""
+    kinds = "/".join(extensions)
     if not os.path.exists(directory):
         raise DataError(f"{directory}: no such directory")
     if os.path.isfile(directory):
-        files = [directory]
-    else:
-        files = []
-        for root, _, names in os.walk(directory):
-            files += [os.path.join(root, n) for n in names]
-    files = sorted(f for f in files if f.endswith(tuple(extensions)) and not os.path.basename(f).startswith("."))
+        if not directory.endswith(tuple(extensions)):
+            raise DataError(f"{directory}: not a {kinds} file")
+        return [directory]
+    found = []
+    for root, _, names in os.walk(directory):
+        found += [os.path.join(root, n) for n in names if not n.startswith(".")]
+    files = sorted(f for f in found if f.endswith(tuple(extensions)))
     if not files:
-        raise DataError(f"{directory}: no {'/'.join(extensions)} files found")
+        others = sorted(os.path.relpath(f, directory) for f in found)
+        held = f" (it holds {len(others)} other file(s): {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" \
+            if others else " (it is empty)"
+        raise DataError(f"{directory}: no {kinds} files found{held}")
     return files
 
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding: the one path from bytes to text for every reader (stage data, inference --data_file, documents)
+
+_SNIFF = 8192  # bytes looked at for binary content, as git and grep do
+_MAGIC = (  # (leading bytes, what the file is)
+    (b"\x1f\x8b", "a gzip-compressed file (decompress it first: gunzip)"),
+    (b"PK\x03\x04", "a zip archive (an .xlsx/.docx is one too; unzip or export it as text first)"),
+    (b"PAR1", "a Parquet file (export it as JSON lines first)"),
+    (b"%PDF-", "a PDF document, not text"),
+    (b"SQLite format 3\x00", "an SQLite database, not text"),
+)
+_WIDE_BOMS = (  # UTF-32 first: its little-endian mark starts with UTF-16's
+    (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+_TEXT_CONTROLS = set(b"\t\n\r\f\b\x1b")
+
+
+def _binary_reason(head: bytes) -> Optional[str]:
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        return f"a binary file, not text (a NUL byte at offset {nul})"
+    controls = sum(1 for b in head if b < 32 and b not in _TEXT_CONTROLS)
+    if head and controls / len(head) > 0.05:
+        return f"a binary file, not text ({controls} control bytes in its first {len(head)})"
+    return None
+
+
+def _encoding_hint(raw: bytes, bad: int) -> str:
+    """How to convert a non-UTF-8 file, judged by the line holding its first bad byte (offset `bad`): legacy Chinese
+    encodings are the usual case here (GBK on Windows)."""
+    line = raw[raw.rfind(b"\n", 0, bad) + 1:]
+    line = line[:line.find(b"\n")] if b"\n" in line else line
+    for encoding in ("GBK", "GB18030", "BIG5"):
+        try:
+            text = line.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if any("\u4e00" <= ch <= "\u9fff" for ch in text[:_SNIFF]):
+            return f"convert it with iconv -f {encoding} -t UTF-8"
+    return "convert it to UTF-8 (e.g. iconv -f <its encoding> -t UTF-8; iconv -c drops stray bytes)"
+
+
+def decode_text(raw: bytes, path: str) -> str:
+    """The text of a file's bytes, as every reader of this project decodes it.
+
+    UTF-8, with or without a byte-order mark (the mark is dropped, as 'utf-8-sig' does). Anything else is a
+    DataError naming `path`: a binary file (NUL or control bytes, or a known archive/document signature),
+    UTF-16/UTF-32 text, or bytes that are not UTF-8 ('path:line: not UTF-8 text (byte 0xb7 at offset 47); convert
+    it with iconv -f GBK -t UTF-8'). An empty input gives ""; callers decide whether that is an error."""
+    for bom, name in _WIDE_BOMS:
+        if raw.startswith(bom):
+            raise DataError(f"{path}: {name} text, not UTF-8; convert it with iconv -f {name} -t UTF-8")
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    reason = _binary_reason(raw[:_SNIFF])
+    if reason:
+        raise DataError(f"{path}: {reason}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        f"{_encoding_hint(raw, e.start)}") from None
+
+
+def read_text_file(path: str) -> str:
+    """The whole text of the file at `path`, decoded by decode_text (UTF-8, BOM dropped; a binary or non-UTF-8 file
+    is a one-line DataError naming the file and line). For any reader of user files, e.g. RAG documents."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, not a file")
+    with open(path, "rb") as f:
+        return decode_text(f.read(), path)
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of `text` with their "\\n" ("\\r\\n" becomes "\\n"). Only "\\n" ends a line: str.splitlines would
+    also cut at U+2028 and other separators, which json.dumps(ensure_ascii=False) leaves raw inside strings."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        if end < 0:
+            yield text[start:]
+            return
+        line = text[start:end]
+        yield (line[:-1] if line.endswith("\r") else line) + "\n"
+        start = end + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records
 
 def _json_error(path: str, line: int, e: json.JSONDecodeError) -> DataError:
     return DataError(f"{path}:{line}: invalid JSON ({e.msg} at column {e.colno})")
 
 
-def iter_records(path: str, bad_lines: Optional[list] = None) -> Iterator[Record]:
-    """Yield the records of a .jsonl (one JSON object a line) or .json file (an array of objects, or
-    JSON lines under a .json name, as datasets accepts), or the lines of a .txt file. A malformed JSON
-    (or non-UTF-8 text) line raises DataError, or, when `bad_lines` is a list, is appended to it and skipped."""
-    if path.endswith(".txt"):  # plain text: each line (a str, with its line break) is a record
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    err = DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1})")
-                    if bad_lines is None:
-                        raise err from None
-                    bad_lines.append(str(err))
-                    continue
-                if lineno == 1:
-                    line = line.lstrip("\ufeff")  # a UTF-8 byte-order mark is not text
-                yield Record(TextLine(line[:-2] + "\n" if line.endswith("\r\n") else line), f"{path}:{lineno}")
+def read_records(path: str) -> Iterator["Record | DataError"]:
+    """The records of one file, in order, with each problem in its place as a DataError (never raised here):
+
+    * .txt: every line (a TextLine, with its line break) is a record;
+    * .json: an array of objects (each named by the line it starts on), one object, or JSON lines;
+    * .jsonl (and anything else): one JSON value a line, blank lines ignored.
+
+    A file that cannot be decoded (decode_text), an empty file, a broken JSON array (the whole file) and each line
+    that is not valid JSON are problems."""
+    try:
+        text = read_text_file(path)
+    except DataError as e:
+        yield e
         return
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith(".json"):
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise _json_error(path, e.lineno, e) from None
-            # line numbers of the array's elements: decode them one by one
-            decoder = json.JSONDecoder()
-            pos = text.index("[") + 1
-            for item in data:
-                while text[pos] in " \t\r\n,":
-                    pos += 1
-                _, end = decoder.raw_decode(text, pos)
-                yield Record(item, f"{path}:{text.count(chr(10), 0, pos) + 1}")
-                pos = end
+    if not text.strip():
+        yield DataError(f"{path}: empty file" + (" (only blank lines)" if text else ""))
+        return
+    if path.endswith(".txt"):  # plain text: each line (a str, with its line break) is a record
+        for lineno, line in enumerate(_lines(text), 1):
+            yield Record(TextLine(line), f"{path}:{lineno}")
+        return
+    stripped = text.lstrip()
+    if path.endswith(".json") and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield _json_error(path, e.lineno, e)
             return
-        if stripped.startswith("{") and "\n{" not in stripped.rstrip():
-            try:
-                yield Record(json.loads(text), f"{path}:1")
-                return
-            except json.JSONDecodeError:
-                pass  # fall through: JSON lines
-    for lineno, line in enumerate(text.splitlines(), 1):
+        if not data:
+            yield DataError(f"{path}: no records (an empty JSON array)")
+            return
+        # line numbers of the array's elements: decode them one by one
+        decoder = json.JSONDecoder()
+        pos = text.index("[") + 1
+        for item in data:
+            while text[pos] in " \t\r\n,":
+                pos += 1
+            _, end = decoder.raw_decode(text, pos)
+            yield Record(item, f"{path}:{text.count(chr(10), 0, pos) + 1}")
+            pos = end
+        return
+    if path.endswith(".json") and stripped.startswith("{") and "\n{" not in stripped.rstrip():
+        try:
+            yield Record(json.loads(text), f"{path}:{text.count(chr(10), 0, len(text) - len(stripped)) + 1}")
+            return
+        except json.JSONDecodeError:
+            pass  # fall through: JSON lines
+    for lineno, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
-            rec = Record(json.loads(line), f"{path}:{lineno}")
+            yield Record(json.loads(line), f"{path}:{lineno}")
         except json.JSONDecodeError as e:
+            yield _json_error(path, lineno, e)
+
+
+def iter_records(path: str, bad_lines: Optional[list] = None) -> Iterator[Record]:
+    """The records of read_records(path); a problem raises DataError, or, when `bad_lines` is a list, is appended to
+    it (as its one-line message) and skipped."""
+    for item in read_records(path):
+        if isinstance(item, DataError):
             if bad_lines is None:
-                raise _json_error(path, lineno, e) from None
-            bad_lines.append(str(_json_error(path, lineno, e)))
+                raise item
+            bad_lines.append(str(item))
             continue
-        yield rec
+        yield item
+
+
+def convert_records(items: Iterable["Record | DataError"], convert: Callable[[object, str], Optional[dict]]
+                    ) -> Iterator["tuple[Record, Optional[dict]] | DataError"]:
+    """Each record of `items` (read_records' output) through `convert(data, where)`: (record, clean row or None for a
+    record that is fine but holds nothing, e.g. a blank text line), or the DataError that the file or the record is.
+    The stages (load_records) and tools/validate_data.py both read through here, so they cannot disagree."""
+    for item in items:
+        if isinstance(item, DataError):
+            yield item
+            continue
+        try:
+            row = convert(item.data, item.where)
+        except DataError as e:
+            yield e
+            continue
+        yield item, row
 
 
 def load_records(
@@ -111,36 +240,41 @@ def load_records(
     convert: Callable[[object, str], Optional[dict]],
     skip_invalid: bool = False,
     limit: Optional[int] = None,
+    source: Optional[str] = None,
 ) -> list[dict]:
     """Read every record of `files` through `convert(data, where)`, which returns a clean row or raises
-    DataError. With skip_invalid, bad records (and bad JSON lines) are skipped and counted in the log."""
+    DataError. With skip_invalid, bad records (and bad JSON lines, undecodable or empty files) are skipped and
+    counted in the log. With `source` (the folder the files came from), finding no usable row is a DataError."""
+    files = list(files)
     rows: list[dict] = []
     skipped: list[str] = []
     for path in files:
-        try:
-            for rec in iter_records(path, bad_lines=skipped if skip_invalid else None):
-                try:
-                    row = convert(rec.data, rec.where)
-                except DataError as e:
-                    if not skip_invalid:
-                        raise
-                    skipped.append(str(e))
-                    continue
-                if row is not None:
-                    rows.append(row)
-                if limit is not None and len(rows) >= limit:
-                    break
-        except DataError as e:  # a broken JSON array: the whole file is unreadable
-            if not skip_invalid:
-                raise
-            skipped.append(str(e))
+        for item in convert_records(read_records(path), convert):
+            if isinstance(item, DataError):
+                if not skip_invalid:
+                    raise item
+                skipped.append(str(item))
+                continue
+            row = item[1]
+            if row is not None:
+                rows.append(row)
+            if limit is not None and len(rows) >= limit:
+                break
         if limit is not None and len(rows) >= limit:
             break
     if skipped:
         logger.warning("Skipped %d invalid record(s) (--skip_invalid_records); first: %s", len(skipped), skipped[0])
         for msg in skipped[1:20]:
             logger.warning("  skipped %s", msg)
+    if source is not None and not rows:
+        raise nothing_usable(source, len(files), skipped)
     return rows
+
+
+def nothing_usable(source: str, n_files: int, problems: Sequence[str]) -> DataError:
+    """The error for a folder (or file) whose files hold no usable record."""
+    why = f"{len(problems)} invalid record(s), first: {problems[0]}" if problems else "no records"
+    return DataError(f"{source}: nothing usable in {n_files} file(s) ({why})")
 
 
 def require_str(data: dict, key: str, where: str, allow_empty: bool = False) -> str:
@@ -211,9 +345,11 @@ def load_train_eval_rows(data_args, convert, extensions=(".json", ".jsonl"), nee
         train = splits.get("train", [])
         evals = splits.get("validation", splits.get("test", []))
     if data_args.train_file_dir:
-        train += load_records(find_data_files(data_args.train_file_dir, extensions), convert, skip)
+        train += load_records(find_data_files(data_args.train_file_dir, extensions), convert, skip,
+                              source=data_args.train_file_dir)
     if data_args.validation_file_dir and need_eval:
-        evals += load_records(find_data_files(data_args.validation_file_dir, extensions), convert, skip)
+        evals += load_records(find_data_files(data_args.validation_file_dir, extensions), convert, skip,
+                              source=data_args.validation_file_dir)
     if not data_args.dataset_name and not data_args.train_file_dir:
         raise DataError("no training data: pass --train_file_dir (a folder of data files) or --dataset_name")
     if need_eval and not evals and train:
