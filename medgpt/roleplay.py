@@ -257,6 +257,7 @@ def _label_re(names: str, anchored: bool) -> re.Pattern:
 
 _OWN_LABEL = {side: _label_re(names, True) for side, names in _LABELS.items()}
 _OTHER_LABEL = {"patient": _label_re(_LABELS["clinician"], False), "clinician": _label_re(_LABELS["patient"], False)}
+_THINK = re.compile(r"<think>.*?(?:</think>|$)", re.S)  # an unclosed block (cut by max_tokens) runs to the end
 _QUOTES = {'"': '"', "“": "”", "「": "」", "'": "'"}
 _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]|[^\W_]+|[^\w\s]")
 
@@ -268,7 +269,7 @@ def normalize(text: str) -> str:
 
 def clean_turn(text: Optional[str], side: str) -> str:
     """A generated turn without surrounding space, its own leading role label ("Patient:") or wrapping quotes."""
-    text = (text or "").strip()
+    text = _THINK.sub("", text or "").strip()  # a reasoning model's thoughts are not part of the turn
     text = _OWN_LABEL[side].sub("", text, count=1).strip()
     if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1] and text.count(text[0]) + text.count(text[-1]) == 2:
         text = text[1:-1].strip()
@@ -357,8 +358,7 @@ class JsonlLog:
     def __init__(self, path: str, need_conversations: bool):
         self.path = path
         self.records: list[dict] = []
-        if os.path.exists(path):
-            self._cut_unfinished_line()
+        if os.path.exists(path) and self._cut_unfinished_line():
             for rec in iter_records(path):
                 data = rec.data
                 if not isinstance(data, dict) or not isinstance(data.get("id"), str):
@@ -369,15 +369,16 @@ class JsonlLog:
                 self.records.append(data)
         self._file = None
 
-    def _cut_unfinished_line(self) -> None:
+    def _cut_unfinished_line(self) -> bool:
+        """Cuts off an unfinished last line; whether any record is left to read."""
         with open(self.path, "rb+") as f:
             data = f.read()
-            if not data or data.endswith(b"\n"):
-                return
-            keep = data.rfind(b"\n") + 1
-            f.truncate(keep)
-        logger.warning("%s: cut off an unfinished last line (%d bytes) left by an interrupted run; that dialogue is "
-                       "generated again", self.path, len(data) - keep)
+            keep = len(data) if data.endswith(b"\n") else data.rfind(b"\n") + 1
+            if keep < len(data):
+                f.truncate(keep)
+                logger.warning("%s: cut off an unfinished last line (%d bytes) left by an interrupted run; that "
+                               "dialogue is generated again", self.path, len(data) - keep)
+        return bool(data[:keep].strip())
 
     def append(self, record: dict) -> None:
         if self._file is None:
@@ -568,55 +569,71 @@ def generate(args: argparse.Namespace) -> dict:
     def count(key: str, reason: str) -> None:
         summary[key][reason] = summary[key].get(reason, 0) + 1
 
+    def handle(out: Outcome) -> None:
+        nonlocal first_error
+        if out.cancelled:  # stopped before its end (connection lost, or interrupted): a rerun makes it
+            summary["cancelled"] += 1
+            return
+        if out.error:
+            summary["failed"] += 1
+            first_error = first_error or out.error
+            logger.warning("dialogue %s failed: %s", out.plan.id, out.error)
+            return
+        rec = gen.record(out)
+        if out.bad:
+            count("bad_turns", out.bad[0])
+        reason = None
+        if rec["turns"] < max(1, args.min_turns):
+            reason = out.bad[0] if out.bad else "too_few_turns"
+        else:
+            h = dialogue_hash(rec["conversations"])
+            if h in hashes:
+                reason = "duplicate"
+                rec["duplicate_of"] = hashes[h]
+            else:
+                hashes[h] = rec["id"]
+        if reason:
+            count("dropped", reason)
+            rejected.append({**rec, "reason": reason,
+                             **({"bad_turn": out.bad[1], "bad_text": out.bad[2]} if out.bad else {})})
+        else:
+            output.append(rec)
+            summary["generated"] += 1
+            summary["shortened"] += rec["turns"] < args.num_turns
+
     pool = ThreadPoolExecutor(max_workers=args.max_concurrency, thread_name_prefix="roleplay")
+    futures, handled = [], set()
     try:
         with logging_redirect_tqdm(), tqdm(total=len(todo), desc="dialogues", unit="dlg",
                                            disable=args.no_progress) as bar:
             futures = [pool.submit(gen.run, plan) for plan in todo]
             for fut in as_completed(futures):
-                out = fut.result()
-                if out.cancelled:  # stopped before its end (connection lost, or interrupted): a rerun makes it
-                    summary["cancelled"] += 1
-                    continue
+                handled.add(fut)
+                handle(fut.result())
                 bar.update(1)
-                if out.error:
-                    summary["failed"] += 1
-                    first_error = first_error or out.error
-                    logger.warning("dialogue %s failed: %s", out.plan.id, out.error)
-                    continue
-                rec = gen.record(out)
-                if out.bad:
-                    count("bad_turns", out.bad[0])
-                reason = None
-                if rec["turns"] < max(1, args.min_turns):
-                    reason = out.bad[0] if out.bad else "too_few_turns"
-                else:
-                    h = dialogue_hash(rec["conversations"])
-                    if h in hashes:
-                        reason = "duplicate"
-                        rec["duplicate_of"] = hashes[h]
-                    else:
-                        hashes[h] = rec["id"]
-                if reason:
-                    count("dropped", reason)
-                    rejected.append({**rec, "reason": reason,
-                                     **({"bad_turn": out.bad[1], "bad_text": out.bad[2]} if out.bad else {})})
-                else:
-                    output.append(rec)
-                    summary["generated"] += 1
-                    summary["shortened"] += rec["turns"] < args.num_turns
                 bar.set_postfix(kept=summary["generated"], dropped=sum(summary["dropped"].values()),
                                 failed=summary["failed"], refresh=False)
     except KeyboardInterrupt:
-        gen.stop.set()
         summary["interrupted"] = True
-        logger.warning("Interrupted: the finished dialogues are saved; rerun the same command to continue")
+        logger.warning("Interrupted: waiting for the requests in flight (Ctrl-C again quits at once); the finished "
+                       "dialogues are saved; rerun the same command to continue")
     finally:
-        gen.stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        output.close()
-        rejected.close()
-        summary["retries"] = retries.value
+        gen.stop.set()  # running dialogues stop after their current request
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt:  # a second Ctrl-C: leave the requests in flight behind (every line is flushed)
+            output.close()
+            rejected.close()
+            logger.warning("Stopped; rerun the same command to continue")
+            os._exit(130)
+        try:
+            for fut in futures:  # after an interrupt: those that finished meanwhile are saved too
+                if fut not in handled and fut.done() and not fut.cancelled():
+                    handle(fut.result())
+        finally:
+            output.close()
+            rejected.close()
+            summary["retries"] = retries.value
     if first_error:
         summary["first_error"] = first_error
     return summary

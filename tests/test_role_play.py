@@ -80,6 +80,9 @@ def test_clean_turn_strips_own_label_and_quotes():
     assert clean_turn("**Doctor:** When did it start?", "clinician") == "When did it start?"
     assert clean_turn("  “医生，我头晕。”  ", "patient") == "医生，我头晕。"
     assert clean_turn('He said "rest" and "water"', "patient") == 'He said "rest" and "water"'  # not wrapping quotes
+    assert clean_turn("<think>The patient is worried.</think>\n\nHow long?", "clinician") == "How long?"
+    assert clean_turn("<think>Let me consider the", "clinician") == ""  # thoughts cut off by max_tokens: empty
+    assert clean_turn(None, "patient") == ""
 
 
 def test_prompts_swap_roles_for_the_patient():
@@ -137,7 +140,7 @@ def test_clinician_seed_role_and_errors(tmp_path):
         load_personas([str(bad)], False)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n", encoding="utf-8")
-    with pytest.raises(DataError, match="empty.jsonl: no personas"):
+    with pytest.raises(DataError, match=r"empty.jsonl: (no personas|empty file)"):
         load_personas([str(empty)], False)
     # a patient language no clinician speaks
     en_only = tmp_path / "en_doctors.jsonl"
@@ -151,7 +154,8 @@ def test_malformed_seed_is_one_line_error_from_the_script(tmp_path):
     path.write_text('{"id": "a", "age": 30, "sex": "f", "complaint": "cough"}\n{"id": "b", "age": 4\n')
     proc = run_script(SCRIPT, "--patient_file", str(path), "--output_file", str(tmp_path / "o.jsonl"), check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {path}:2: invalid JSON (Expecting ',' delimiter at column 21)"]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}:2: invalid JSON ("), proc.stderr
 
 
 def test_unreachable_endpoint_is_one_line_error(tmp_path):
@@ -285,6 +289,16 @@ def test_bad_turn_ends_the_dialogue(tmp_path, capsys):
         assert s["bad_turns"] == {"too_short": 1} and len(stub.requests) == 1
         (rej,) = read_jsonl(out + ".rejected")
         assert (rej["reason"], rej["bad_turn"], rej["bad_text"]) == ("too_short", 0, "patient line 2")
+
+
+def test_unfinished_first_line_is_cut_off(tmp_path, capsys):
+    out = tmp_path / "d.jsonl"
+    out.write_text('{"id": "en-chest-pain.dr-', encoding="utf-8")  # killed while writing the very first line
+    with Stub() as stub:
+        code, s = run_main(capsys, "--base_url", stub.url, "--output_file", str(out), "--num_dialogues", "1",
+                           "--num_turns", "1")
+    assert code == 0 and (s["generated"], s["skipped_done"]) == (1, 0)
+    assert [r["id"].split(".")[0] for r in read_jsonl(out)] == ["zh-headache"]
 
 
 def test_output_of_another_kind_is_refused(tmp_path, capsys):
