@@ -364,8 +364,12 @@ class JsonlLog:
                 if not isinstance(data, dict) or not isinstance(data.get("id"), str):
                     raise DataError(f"{rec.where}: not a role-play record (no string 'id'); choose another "
                                     "--output_file")
-                if need_conversations and not isinstance(data.get("conversations"), list):
-                    raise DataError(f"{rec.where}: role-play record '{data['id']}' has no 'conversations' list")
+                conv = data.get("conversations")
+                if need_conversations and not (isinstance(conv, list) and all(
+                        isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
+                        for t in conv)):
+                    raise DataError(f"{rec.where}: role-play record '{data['id']}' needs 'conversations': a list of "
+                                    "{\"from\", \"value\"} strings")
                 self.records.append(data)
         self._file = None
 
@@ -400,7 +404,6 @@ class JsonlLog:
 class GenerationSettings:
     model: str
     num_turns: int = 4
-    min_turns: int = 1
     max_tokens: int = 256
     temperature: float = 0.8
     top_p: float = 0.9
@@ -558,7 +561,7 @@ def generate(args: argparse.Namespace) -> dict:
     model = resolve_model(client, args.base_url, args.model)
     checks = frozenset(QUALITY_CHECKS) if args.quality_checks == "all" else \
         frozenset(c for c in args.quality_checks.split(",") if c and c != "none")
-    settings = GenerationSettings(model, args.num_turns, args.min_turns, args.max_tokens, args.temperature,
+    settings = GenerationSettings(model, args.num_turns, args.max_tokens, args.temperature,
                                   args.top_p, args.seed, args.system_turn,
                                   QualityConfig(checks, args.min_turn_chars, args.max_repeats))
     gen = RolePlayGenerator(client, settings)

@@ -91,7 +91,7 @@ def test_prompts_swap_roles_for_the_patient():
     turns = ["I have a headache.", "How long?", "Two weeks."]
     p = patient_messages(plan.patient, plan.clinician, turns[:2])
     assert [m["role"] for m in p] == ["system", "user", "assistant", "user"]  # the clinician is the 'user' here
-    assert p[1]["content"].startswith("您好") and "王女士" in p[0]["content"]  # zh patient, zh clinician's greeting
+    assert p[1]["content"].startswith("您好") and "王女士" in p[0]["content"]  # zh patient, zh greeting
     assert [m["content"] for m in p[2:]] == turns[:2]
     c = clinician_messages(plan.clinician, turns)
     assert [m["role"] for m in c] == ["system", "user", "assistant", "user"]
@@ -101,7 +101,7 @@ def test_prompts_swap_roles_for_the_patient():
 def test_shipped_seeds_and_plan():
     patients, clinicians = load_personas([PATIENTS], True), load_personas(CLINICIANS, False)
     assert len(patients) == 12 and {p.language for p in patients} == {"zh", "en"}
-    assert {(c.role, c.language) for c in clinicians} == {(r, lang) for r in ("doctor", "nurse") for lang in ("zh", "en")}
+    assert {(c.role, c.language) for c in clinicians} == {(r, x) for r in ("doctor", "nurse") for x in ("zh", "en")}
     plans = plan_dialogues(patients, clinicians, 30, seed=42)
     assert len({p.id for p in plans}) == 30 and all(p.patient.language == p.clinician.language for p in plans)
     # plan i does not depend on how many are planned (a larger rerun extends a smaller one), but on --seed
@@ -208,8 +208,8 @@ class Stub:
                                      [("retry-after-ms", "20")])
                 time.sleep(stub.delay)
                 msgs = body["messages"]
-                side = "patient" if msgs[0]["content"].startswith(("You are role-playing a patient", "你正在扮演")) \
-                    else "clinician"
+                patient = msgs[0]["content"].startswith(("You are role-playing a patient", "你正在扮演"))
+                side = "patient" if patient else "clinician"
                 text = f"{side} line {len(msgs)}" + ("" if stub.same_text else f" ({abs(hash(msgs[0]['content']))})")
                 self.send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                                 "choices": [{"index": 0, "finish_reason": "stop",
