@@ -45,15 +45,14 @@ def parse_args(argv=None):
 
 
 def read_prompts(path: str) -> list[str]:
-    from medgpt.data.io import DataError
+    from medgpt.data.io import DataError, read_text_file
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                prompts.append(line.strip())
+    text = read_text_file(path)  # the decoding every data reader shares: BOM dropped, GBK/binary a one-line error
+    if not text:
+        raise DataError(f"{path}: empty file (expected one prompt a line)")
+    prompts = [line.strip() for line in text.split("\n") if line.strip()]
     if not prompts:
         raise DataError(f"{path}: no prompts (expected one prompt a line)")
     return prompts
