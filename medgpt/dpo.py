@@ -13,8 +13,10 @@ vocabulary. Here, per optimizer step:
 
 The sequence log-probs are therefore those of TRL's padded layout up to float error (tests/test_dpo_orpo.py checks
 them), and the loss and logged metrics are TRL's ("sigmoid" DPO loss; rewards/*, logps/*, logits/*, entropy,
-mean_token_accuracy). Other loss types, `ld_alpha`, `use_weighting`, MoE aux losses and precomputed reference
-log-probs keep TRL's own padded path.
+mean_token_accuracy). For MoE models the router's load-balancing loss (the model's `aux_loss` over the packed row's
+tokens, the prompt counted once) is added with TRL's `router_aux_loss_coef` and logged as aux_loss, as TRL's padded
+path does. Other loss types, `ld_alpha`, `use_weighting` and precomputed reference log-probs keep TRL's own padded
+path.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from trl.trainer.utils import use_adapter
 from .data.collator import enable_packing, packing_mode
 from .data.preference import LengthColumnMixin
 from .losses import step_rows
+from .moe import check_zero3, router_aux_term
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +124,12 @@ def split_pairs(batch: dict, max_tokens: int | None) -> list[dict]:
     return rows
 
 
-def packed_pair_logps(model, inputs: dict, with_stats: bool = False):
+def packed_pair_logps(model, inputs: dict, with_stats: bool = False, router_logits: bool = False):
     """Summed log-probs of each reply, [chosen_0, rejected_0, chosen_1, ...], from one packed forward; with
-    `with_stats`, also per-token (entropy, mean logit, is-top-1) for TRL's metrics, computed without gradient."""
-    outputs = model(**{k: inputs[k] for k in MODEL_KEYS}, use_cache=False, logits_to_keep=inputs["keep"])
+    `with_stats`, also per-token (entropy, mean logit, is-top-1) for TRL's metrics, computed without gradient, and
+    with `router_logits` (MoE) the model's router load-balancing loss over the row's tokens as stats["aux_loss"]."""
+    extra = {"output_router_logits": True} if router_logits else {}
+    outputs = model(**{k: inputs[k] for k in MODEL_KEYS}, use_cache=False, logits_to_keep=inputs["keep"], **extra)
     logits = outputs.logits[0].float()  # [kept positions, vocab]
     targets, groups = inputs["targets"].to(logits.device), inputs["groups"].to(logits.device)
     token_logps = -F.cross_entropy(logits, targets, reduction="none")
@@ -140,7 +145,7 @@ def packed_pair_logps(model, inputs: dict, with_stats: bool = False):
             mean_logit.append(chunk.mean(-1))
             top1.append(chunk.argmax(-1).eq(tgt))
         stats = {"entropy": torch.cat(entropy), "mean_logit": torch.cat(mean_logit), "top1": torch.cat(top1),
-                 "is_chosen": groups.remainder(2).eq(0)}
+                 "is_chosen": groups.remainder(2).eq(0), "aux_loss": getattr(outputs, "aux_loss", None)}
     return logps, stats
 
 
@@ -168,6 +173,7 @@ class MedDPOTrainer(LengthColumnMixin, DPOTrainer):
             logger.info("DPO: each pair packed as prompt + chosen + rejected (prompt encoded once, no padding, "
                         "LM head on reply positions only)")
         super().__init__(*args, **kwargs)
+        check_zero3(self.model)  # MoE under ZeRO-3: fused experts, or one line (medgpt/moe.py)
 
     @staticmethod
     def _packing_unsupported(config, model) -> str | None:
@@ -204,7 +210,7 @@ class MedDPOTrainer(LengthColumnMixin, DPOTrainer):
         if not self.packed or "pair_lens" not in inputs:
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
-        logps, stats = packed_pair_logps(model, inputs, with_stats=True)
+        logps, stats = packed_pair_logps(model, inputs, with_stats=True, router_logits=self.aux_loss_enabled)
         chosen_logps, rejected_logps = logps[0::2], logps[1::2]
         ref_model, context = self._reference_context()
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
@@ -213,6 +219,11 @@ class MedDPOTrainer(LengthColumnMixin, DPOTrainer):
         chosen_logratios = chosen_logps - ref_logps[0::2]
         rejected_logratios = rejected_logps - ref_logps[1::2]
         loss = -F.logsigmoid(self.beta * (chosen_logratios - rejected_logratios)).mean() * self.loss_weights[0]
+        aux = router_aux_term(stats, self.router_aux_loss_coef) if self.aux_loss_enabled else None
+        if aux is not None:  # MoE: as TRL's padded path, coef x the model's aux_loss (here over the packed row)
+            loss = loss + aux.to(loss.device)
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(stats["aux_loss"].detach()).mean().item())
         loss = loss * inputs.get("loss_weight", 1.0)  # a row of a split batch: its share of the batch's pairs
         self._log_packed_metrics(mode, inputs, stats, chosen_logps, rejected_logps, chosen_logratios,
                                  rejected_logratios)

@@ -139,7 +139,7 @@ def log_aux_loss_choice(model, coef: float) -> None:
 
 def router_aux_term(outputs, coef: float):
     """`coef * outputs.aux_loss` (a tensor), or None when the forward returned no auxiliary loss."""
-    aux = getattr(outputs, "aux_loss", None)
+    aux = outputs.get("aux_loss") if isinstance(outputs, dict) else getattr(outputs, "aux_loss", None)
     if not coef or aux is None or not torch.is_tensor(aux):
         return None
     return coef * aux
