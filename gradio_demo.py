@@ -2,6 +2,7 @@
 
     python gradio_demo.py --base_model path/to/model --lora_model outputs-sft
     # then open http://127.0.0.1:7860 (--server_name 0.0.0.0 to serve other machines, --share for a public link)
+    python gradio_demo.py --rag_docs data/rag   # answers from a folder of documents, with their sources
 """
 import argparse
 import logging
@@ -20,10 +21,11 @@ EXAMPLES = [
 
 
 def parse_args(argv=None):
-    from medgpt.serving import add_model_args, add_server_args
+    from medgpt.serving import add_model_args, add_rag_args, add_server_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    add_rag_args(p)
     g = add_server_args(p, port=7860)
     g.add_argument("--share", action="store_true", help="Also publish a temporary public gradio.live link")
     g.add_argument("--title", default="MedicalGPT", help="Page title")
@@ -44,7 +46,12 @@ def fit_context(chat, messages: list[dict], system_prompt, max_new_tokens: int) 
     return messages
 
 
-def build_demo(chat, defaults, system_prompt: str, title: str = "MedicalGPT", max_queue: int = 32):
+SOURCES_TITLE = "Sources"  # the title of the message that lists an answer's passages (--rag_docs)
+
+
+def build_demo(chat, defaults, system_prompt: str, title: str = "MedicalGPT", max_queue: int = 32, rag=None):
+    """rag: a medgpt.rag.DocumentQA (--rag_docs): each question gets the best passages of the documents, and each
+    answer is followed by a collapsible "Sources" message naming them (left out of later prompts)."""
     import gradio as gr
 
     from medgpt.serving import MessageError, normalize_messages
@@ -59,10 +66,14 @@ def build_demo(chat, defaults, system_prompt: str, title: str = "MedicalGPT", ma
             return
         options = replace(defaults, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                           top_p=float(top_p))
+        turns = [m for m in history if (m.get("metadata") or {}).get("title") != SOURCES_TITLE]
         try:
-            messages = fit_context(chat, normalize_messages(history), system, options.max_new_tokens)
+            messages = fit_context(chat, normalize_messages(turns), system, options.max_new_tokens)
         except MessageError as e:
             raise gr.Error(str(e))
+        sources = None
+        if rag is not None:
+            messages, sources = rag.augment(chat, messages, options.max_new_tokens, system)
         history = history + [{"role": "assistant", "content": ""}]
         text = ""
         for piece in chat.stream_completion(chat.build_prompt(messages, system), options):
@@ -72,6 +83,11 @@ def build_demo(chat, defaults, system_prompt: str, title: str = "MedicalGPT", ma
         if not text:
             history[-1] = {"role": "assistant", "content": "*(the model ended its answer without any text)*"}
             yield history
+        if sources is not None:
+            from medgpt.rag import format_sources, mark_cited
+
+            yield history + [{"role": "assistant", "content": format_sources(mark_cited(sources, text), markdown=True),
+                              "metadata": {"title": SOURCES_TITLE}}]
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}\nModel: `{chat.model_name}` · template `{chat.template.name}` · "
@@ -107,12 +123,13 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from medgpt.serving import default_options, load_chat_model, warn_if_exposed
+    from medgpt.serving import default_options, load_chat_model, load_rag, warn_if_exposed
 
     warn_if_exposed(args.host, False)
+    rag = load_rag(args)  # before the model: a bad document folder stops at once
     chat = load_chat_model(args)
     system_prompt = args.system_prompt if args.system_prompt is not None else chat.template.system_prompt
-    demo = build_demo(chat, default_options(args), system_prompt, args.title, args.max_queue)
+    demo = build_demo(chat, default_options(args), system_prompt, args.title, args.max_queue, rag)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
 
 

@@ -22,10 +22,11 @@ logger = logging.getLogger("medgpt.openai_api")
 
 
 def parse_args(argv=None):
-    from medgpt.serving import add_model_args, add_server_args
+    from medgpt.serving import add_model_args, add_rag_args, add_server_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    add_rag_args(p)
     g = add_server_args(p, port=8000)
     g.add_argument("--api_key", default=os.environ.get("MEDGPT_API_KEY"),
                    help="Require 'Authorization: Bearer KEY' (default: $MEDGPT_API_KEY; unset = no key)")
@@ -82,9 +83,10 @@ def _request_model():
     return ChatCompletionRequest
 
 
-def create_app(chat, worker, defaults, model_id: str, api_key: Optional[str] = None):
+def create_app(chat, worker, defaults, model_id: str, api_key: Optional[str] = None, rag=None):
     """The FastAPI app: chat (a medgpt ChatModel), worker (a started GenerationWorker), defaults
-    (GenerationOptions for fields a request leaves out)."""
+    (GenerationOptions for fields a request leaves out), rag (a medgpt.rag.DocumentQA for --rag_docs: the last
+    user message gets the best passages, and answers carry them as "sources")."""
     from dataclasses import replace
 
     from fastapi import FastAPI, Request
@@ -170,8 +172,13 @@ def create_app(chat, worker, defaults, model_id: str, api_key: Optional[str] = N
     def prepare(req) -> Job:
         if req.n not in (None, 1):
             raise APIError(400, "Only n=1 is supported: ask for more answers with more requests", param="n")
+        sources = None
         try:
             messages = normalize_messages(req.messages)
+            if rag is not None:
+                messages, found = rag.augment(chat, messages, req.max_tokens or req.max_completion_tokens
+                                              or defaults.max_new_tokens)
+                sources = [s.to_dict() for s in found]
             prompt = chat.build_prompt(messages)
         except MessageError as e:
             raise APIError(400, str(e), param=e.param) from None
@@ -195,13 +202,22 @@ def create_app(chat, worker, defaults, model_id: str, api_key: Optional[str] = N
         if top_p == 0:  # only the most likely token: greedy
             temperature = 0.0
         options = replace(defaults, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        return Job(prompt, options, stop or None, req.seed, bool(req.stream))
+        return Job(prompt, options, stop or None, req.seed, bool(req.stream), sources=sources)
 
     def submit(job: Job) -> None:
         if not worker.submit(job):
             raise APIError(503, f"The server is overloaded: {worker.max_queue} requests are already waiting. "
                                 f"Please retry shortly.", "server_error", code="queue_full",
                            headers={"Retry-After": "1"})
+
+    def with_sources(job: Job, text: str) -> dict:
+        """--rag_docs: {"sources": the passages in the prompt, each marked "cited" when the answer cites it}."""
+        if job.sources is None:
+            return {}
+        from medgpt.rag import cited_numbers
+
+        cited = cited_numbers(text)
+        return {"sources": [dict(s, cited=s["number"] in cited) for s in job.sources]}
 
     def usage(c) -> dict:
         return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
@@ -225,7 +241,7 @@ def create_app(chat, worker, defaults, model_id: str, api_key: Optional[str] = N
             return {**head, "object": "chat.completion", "system_fingerprint": None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
                                  "logprobs": None, "finish_reason": c.finish_reason}],
-                    "usage": usage(c)}
+                    "usage": usage(c), **with_sources(job, c.text)}
 
         job.pieces = asyncio.Queue()
         submit(job)
@@ -253,7 +269,7 @@ def create_app(chat, worker, defaults, model_id: str, api_key: Optional[str] = N
                     err = APIError(500, f"Generation failed: {type(e).__name__}", "server_error")
                     yield f"data: {json.dumps(err.body())}\n\n"
                 else:
-                    yield event({}, c.finish_reason)
+                    yield event({}, c.finish_reason, **with_sources(job, c.text))
                     if include_usage:
                         yield event(None, usage=usage(c))
                 yield "data: [DONE]\n\n"
@@ -272,12 +288,13 @@ def main(argv=None):
                         level=getattr(logging, args.log_level.upper()))
     import uvicorn
 
-    from medgpt.serving import GenerationWorker, default_options, load_chat_model, warn_if_exposed
+    from medgpt.serving import GenerationWorker, default_options, load_chat_model, load_rag, warn_if_exposed
 
     warn_if_exposed(args.host, bool(args.api_key))
+    rag = load_rag(args)  # before the model: a bad document folder stops at once
     chat = load_chat_model(args)
     worker = GenerationWorker(chat, args.max_queue, args.max_batch_size).start()
-    app = create_app(chat, worker, default_options(args), args.model_id or chat.model_name, args.api_key)
+    app = create_app(chat, worker, default_options(args), args.model_id or chat.model_name, args.api_key, rag)
     logger.info("Model %s ready (template %s, context %d tokens); serving on http://%s:%d/v1",
                 args.model_id or chat.model_name, chat.template.name, chat.context_length, args.host, args.port)
     try:

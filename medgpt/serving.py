@@ -57,6 +57,29 @@ def add_server_args(p: argparse.ArgumentParser, port: int):
     return g
 
 
+def add_rag_args(p: argparse.ArgumentParser) -> None:
+    """--rag_docs and friends: answer from a folder of documents (medgpt.rag), as tools/chatpdf.py does."""
+    g = p.add_argument_group("answers from your documents (RAG)")
+    g.add_argument("--rag_docs", nargs="+", default=None, metavar="PATH",
+                   help="Folders and/or .txt/.md/.pdf/.docx files: every question gets the best passages from them, "
+                        "and answers name their sources")
+    g.add_argument("--rag_top_k", type=int, default=3, help="Passages given to the model per question")
+    g.add_argument("--rag_embedding_model", default=None,
+                   help="A Hugging Face encoder folder for dense retrieval fused with BM25 (default: BM25 only)")
+    g.add_argument("--rag_index_dir", default=None, help="Where the index is cached (default: $MEDGPT_HOME/rag/...)")
+
+
+def load_rag(args: argparse.Namespace):
+    """The medgpt.rag.DocumentQA for --rag_docs, or None without it."""
+    if not getattr(args, "rag_docs", None):
+        return None
+    from .rag import DocumentIndex, DocumentQA
+
+    index = DocumentIndex.build(args.rag_docs, args.rag_index_dir, embedding_model=args.rag_embedding_model,
+                                device="cpu" if args.use_cpu else None, trust_remote_code=args.trust_remote_code)
+    return DocumentQA(index, args.rag_top_k)
+
+
 def load_chat_model(args: argparse.Namespace) -> ChatModel:
     if not args.use_cpu and args.gpus:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", args.gpus)  # before CUDA is first touched
@@ -161,6 +184,7 @@ class Job:
     future: Optional[asyncio.Future] = None
     pieces: Optional[asyncio.Queue] = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    sources: Optional[list[dict]] = None  # --rag_docs: the passages in the prompt, returned with the answer
 
     def batch_key(self):
         """Requests with the same key can be generated together in one batch."""

@@ -100,8 +100,6 @@ def answer(chat, qa, question: str, options, args) -> str:
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    from transformers import set_seed
-
     from medgpt.rag import DocumentIndex, DocumentQA
 
     index = DocumentIndex.build(args.sources, args.index_dir, args.chunk_size, args.chunk_overlap,
@@ -110,6 +108,8 @@ def main(argv=None):
     qa = DocumentQA(index, args.top_k)
     chat = options = None
     if not args.retrieve_only:
+        from transformers import set_seed
+
         from medgpt.serving import default_options, load_chat_model
 
         set_seed(args.seed)

@@ -122,6 +122,9 @@ def _read_pdf(path: str) -> list[Section]:
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
+    pypdf_log = logging.getLogger("pypdf")
+    level = pypdf_log.level
+    pypdf_log.setLevel(logging.ERROR)  # its own warnings ("EOF marker not found") do not name the file
     try:
         reader = PdfReader(path)
         if reader.is_encrypted:
@@ -139,14 +142,21 @@ def _read_pdf(path: str) -> list[Section]:
         raise
     except Exception as e:  # noqa: BLE001 - pypdf raises many kinds on a broken file; any of them: skip it
         raise SkipFile(f"{path}: unreadable PDF ({type(e).__name__}: {_one_line(e)})") from None
+    finally:
+        pypdf_log.setLevel(level)
 
 
 def _read_docx(path: str) -> list[Section]:
+    import zipfile
+
     import docx
+    from docx.opc.exceptions import PackageNotFoundError
     from docx.table import Table
 
     try:
         document = docx.Document(path)
+    except (PackageNotFoundError, zipfile.BadZipFile):
+        raise SkipFile(f"{path}: not a readable .docx file (not a Word document package)") from None
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001 - not a zip, no Word part, broken XML: skip it
