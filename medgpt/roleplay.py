@@ -698,6 +698,9 @@ def parse_args(argv=None, seed_dir: str = ".") -> argparse.Namespace:
             p.error(f"--{name} must be at least 1")
     if args.max_retries < 0 or args.min_turns < 0 or args.min_turn_chars < 0:
         p.error("--max_retries, --min_turns and --min_turn_chars cannot be negative")
+    if args.min_turns > args.num_turns:
+        p.error(f"--min_turns {args.min_turns} is more than --num_turns {args.num_turns}: every dialogue would be "
+                "dropped")
     if args.quality_checks not in ("all", "none"):
         unknown = [c for c in args.quality_checks.split(",") if c not in QUALITY_CHECKS]
         if unknown:
