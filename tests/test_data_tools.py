@@ -213,3 +213,24 @@ def test_converter_refuses_what_cannot_be_converted_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad}:2: turn 1 is 'assistant'")
     assert not (tmp_path / "y.jsonl").exists()
+
+
+def test_preference_statistics_match_what_training_keeps(smol_tokenizer):
+    from medgpt.data.preference import tokenize_pairs
+    from medgpt.data.validate import preference_lengths
+
+    template = get_conv_template("chatml")
+    pref = stage_converter("preference")
+    rows = load_records(find_data_files(str(ROOT / "data" / "reward")), pref)
+    max_length, max_prompt = 128, 64
+    lines = preference_lengths([Row(r["where"], "preference", r) for r in rows], smol_tokenizer, template,
+                               LengthOptions(max_length=max_length, max_prompt_length=max_prompt))
+    full = tokenize_pairs(rows, smol_tokenizer, template, None, None)
+    cut = tokenize_pairs(rows, smol_tokenizer, template, max_length, max_prompt)
+    replies = sum(len(c) + len(r) for c, r in zip(full["chosen_ids"], full["rejected_ids"]))
+    kept = sum(len(c) + len(r) for c, r in zip(cut["chosen_ids"], cut["rejected_ids"]))
+    n_cut = sum(len(p) > max_prompt or len(p) + max(len(c), len(r)) > max_length
+                for p, c, r in zip(full["prompt_ids"], full["chosen_ids"], full["rejected_ids"])) - (len(full) - len(cut))
+    assert n_cut > 0 and kept < replies
+    assert f"{n_cut} pairs cut, {len(full) - len(cut)} dropped; {replies - kept} of {replies} reply tokens lost" \
+        in lines[-1], lines[-1]

@@ -3,6 +3,11 @@
 datasets' own json loader reports a malformed line as an Arrow parse error without the line, and
 silently unifies records of different shapes; we read the (small, text) files ourselves, validate
 each record, and hand clean rows to `datasets.Dataset` for map/cache.
+
+One path for every reader: bytes -> text by `decode_text` (UTF-8, BOM dropped; binary, UTF-16 and non-UTF-8 files
+are one-line errors), text -> records by `read_records`, records -> clean rows by a stage's converter in
+`convert_records`. The training stages (`load_records`: stop at the first problem, or skip and count) and
+tools/validate_data.py (collect every problem) both read through it.
 """
 from __future__ import annotations
 

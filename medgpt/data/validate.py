@@ -110,7 +110,10 @@ def percentiles(values: Sequence[int]) -> str:
     if not values:
         return "none"
     a = np.asarray(values)
-    p = lambda q: int(np.percentile(a, q, method="higher"))  # noqa: E731 (a value that occurs)
+
+    def p(q):  # a length that occurs, not an interpolation
+        return int(np.percentile(a, q, method="higher"))
+
     return f"min {int(a.min())}, p50 {p(50)}, p90 {p(90)}, p99 {p(99)}, max {int(a.max())}, mean {a.mean():.1f}"
 
 
@@ -125,27 +128,30 @@ class LengthOptions:
 
 
 def sft_lengths(rows: list[Row], tokenizer, template, opts: LengthOptions) -> list[str]:
-    from .sft import IGNORE_INDEX, _tokenize_pieces, encode_conversation
+    from .sft import IGNORE_INDEX, encode_conversation
 
-    eos = tokenizer.eos_token or "</s>"
+    def supervised_tokens(enc) -> int:
+        return 0 if enc is None else sum(label != IGNORE_INDEX for label in enc["labels"])
+
     lengths, exchanges, truncated, dropped, supervised, lost = [], [], 0, 0, 0, 0
     for r in rows:
         messages = r.row["messages"]
-        ids, flags = _tokenize_pieces(template.segments(messages, eos_token=eos), tokenizer)
-        full = len(ids) if opts.train_on_inputs else sum(flags)
-        enc = encode_conversation(messages, tokenizer, template, opts.model_max_length, opts.train_on_inputs)
-        kept = 0 if enc is None else sum(label != IGNORE_INDEX for label in enc["labels"])
-        lengths.append(len(ids))
+        # the stage's own encoder, without a limit and then (only when the sample is longer) with --model_max_length
+        full = encode_conversation(messages, tokenizer, template, 2 ** 62, opts.train_on_inputs)
+        n = 0 if full is None else len(full["input_ids"])
+        cut = full if n <= opts.model_max_length else \
+            encode_conversation(messages, tokenizer, template, opts.model_max_length, opts.train_on_inputs)
+        lengths.append(n)
         exchanges.append(sum(m["role"] == "user" for m in messages))
-        truncated += len(ids) > opts.model_max_length and enc is not None
-        dropped += enc is None
-        supervised += full
-        lost += full - kept
+        truncated += n > opts.model_max_length and cut is not None
+        dropped += cut is None
+        supervised += supervised_tokens(full)
+        lost += supervised_tokens(full) - supervised_tokens(cut)
     turns = Counter(exchanges)
     share = f"{100 * lost / supervised:.1f}%" if supervised else "0%"
     return [
         f"sft: {len(rows)} conversations, {sum(exchanges)} user/assistant exchanges "
-        f"({', '.join(f'{n} with {k}' for k, n in sorted(turns.items()))}), "
+        f"({', '.join(f'{n} with {k}' for k, n in sorted(turns.items()))} exchange(s)), "
         f"{sum('system' == r.row['messages'][0]['role'] for r in rows)} with a system prompt",
         f"sft: tokens per conversation: {percentiles(lengths)}",
         f"sft: --model_max_length {opts.model_max_length}: {truncated} conversations truncated, {dropped} dropped "
@@ -161,10 +167,12 @@ def preference_lengths(rows: list[Row], tokenizer, template, opts: LengthOptions
     lengths, prompts, truncated, dropped, reply_tokens, lost = [], [], 0, 0, 0, 0
     for r in rows:
         full = encode_pair(r.row, tokenizer, template, None, None)
-        cut = encode_pair(r.row, tokenizer, template, max_length, max_prompt)
         if full is None:  # identical once tokenized: the stage drops it whatever the limits
             dropped += 1
             continue
+        fits = len(full["prompt_ids"]) <= max_prompt and \
+            pair_length(*(full[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))) <= max_length
+        cut = full if fits else encode_pair(r.row, tokenizer, template, max_length, max_prompt)
         n_full = len(full["chosen_ids"]) + len(full["rejected_ids"])
         n_cut = 0 if cut is None else len(cut["chosen_ids"]) + len(cut["rejected_ids"])
         lengths.append(pair_length(*(full[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))))
