@@ -176,11 +176,13 @@ def _one_line(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Where a chunk may end, best first: a paragraph, a line, a sentence (Chinese or English), a clause, a word.
+# Where a chunk may end, best first: a paragraph, a sentence (Chinese or English), a line (text is often
+# hard-wrapped mid-sentence), a clause, a word.
 # Written here because neither bm25s nor transformers split documents, and a splitter library (langchain's)
 # would be a large dependency for these few lines and does not report line numbers.
-_BREAKS = ("\n\n", "\n", "。", "！", "？", ". ", "! ", "? ", "；", "; ", "，", ", ", "、", " ")
-_BOUNDARY = re.compile(r"[\s。！？；，、,.!?;]")
+_BREAKS = ("\n\n", "。", "！", "？", ".\n", ". ", "! ", "? ", "\n", "；", "; ", "，", ", ", "、", " ")
+# Where the overlap (the next chunk's start) may begin, best first: a sentence, a line, a clause, a word.
+_STARTS = [re.compile(p) for p in (r"[。！？]|[.!?]\s", r"\n", r"[；，、]|[;,]\s", r"\s")]
 
 
 def _cut(text: str, lo: int, hi: int) -> int:
@@ -213,11 +215,12 @@ def split_spans(text: str, chunk_size: int, chunk_overlap: int) -> list[tuple[in
         spans.append((start, stripped))
         if end >= n:
             break
-        nxt = end - chunk_overlap
-        if chunk_overlap:
-            m = _BOUNDARY.search(text, nxt, end)
-            if m and m.end() < end:
+        nxt = stripped - chunk_overlap  # the overlap: the last chunk_overlap characters of this chunk's text
+        for pattern in _STARTS if chunk_overlap else ():
+            m = pattern.search(text, nxt, stripped - 1)
+            if m:
                 nxt = m.end()
+                break
         start = max(nxt, start + 1)
     return spans
 
