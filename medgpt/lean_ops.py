@@ -70,8 +70,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 # Causal LMs whose forward is `logits = lm_head(hidden_states[:, positions])` with nothing after the head (no logit
-# scaling or soft-capping, no auxiliary loss): the hidden states the head sees can stand in for the logits.
-PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "smollm3"}
+# scaling or soft-capping): the hidden states the head sees can stand in for the logits. (The MoE ones return their
+# router load-balancing loss as `aux_loss` beside the logits; medgpt/moe.py adds it.)
+PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "smollm3",
+                          "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"}
 
 
 class _Passthrough(torch.nn.Module):

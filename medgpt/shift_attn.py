@@ -25,7 +25,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .data.collator import VARLEN_SDPA, base_pretrained_model, varlen_sdpa_attention
+from .data.collator import VARLEN_SDPA, base_pretrained_model, register_sdpa_attention, varlen_sdpa_attention
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +113,6 @@ def shifted_sparse_attention(module, query, key, value, attention_mask, cu_seq_l
     return out.transpose(1, 2).contiguous(), None
 
 
-def register_s2_attention() -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    if S2_ATTN not in AttentionInterface._global_mapping:
-        AttentionInterface.register(S2_ATTN, shifted_sparse_attention)
-    if S2_ATTN not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        ALL_MASK_ATTENTION_FUNCTIONS.register(S2_ATTN, sdpa_mask)
-    return S2_ATTN
-
-
 def _attention_layers(base) -> list:
     """The attention modules that call transformers' attention interface with grouped-query heads."""
     return [m for m in base.modules() if type(m).__name__.endswith("Attention")
@@ -152,7 +141,7 @@ def enable_shift_attn(model, training_length: int, flag_name: str = "--model_max
         logger.warning("--shift_attn: S²-Attn runs on sdpa; the model's '%s' attention is not used", impl)
     for layer in layers:
         layer.s2_group_size = group
-    base.set_attn_implementation(register_s2_attention())
+    base.set_attn_implementation(register_sdpa_attention(S2_ATTN, shifted_sparse_attention))
     logger.info("S²-Attn (LongLoRA shift short attention) in training: groups of %d tokens (a quarter of %s %d), "
                 "half of the %d heads shifted by %d, within each sample; evaluation and generation use full attention",
                 group, flag_name, training_length, heads, group // 2)

@@ -124,8 +124,10 @@ def test_packed_loss_equals_the_models_own_loss_with_aux(kind, peft, moe_dirs, s
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
     from medgpt.data.collator import build_collator
+    from medgpt.lean_ops import plain_head
 
     model = AutoModelForCausalLM.from_pretrained(moe_dirs(kind))
+    assert plain_head(model) is not None  # the hidden states stand in for the logits; the head runs in the loss
     if peft:
         model = _lora(model, lora_dropout=0.0)
         for n, p in model.named_parameters():  # make the adapters (experts included) matter
@@ -136,8 +138,10 @@ def test_packed_loss_equals_the_models_own_loss_with_aux(kind, peft, moe_dirs, s
     trainer = _trainer(model, tmp_path)
     feats = _features(smol_tokenizer, [37, 20, 51])
     model.train()
+    ours = trainer.compute_loss(model, collator(feats))  # with gradients: the training path (head fused with the loss)
+    assert ours.requires_grad
+    ours = ours.item()
     with torch.no_grad():
-        ours = trainer.compute_loss(model, collator(feats)).item()
         padded = DataCollatorForSeq2Seq(smol_tokenizer, label_pad_token_id=IGNORE)(feats)
         own = model(**padded, output_router_logits=True)
         lm_only = model(**padded).loss.item()
@@ -246,5 +250,6 @@ def test_zero3_trains_the_one_process_moe(peft, moe_dirs, tmp_path):
                  env=DS_ENV)
     assert "on 2 processes: DEEPSPEED (cpu)" in proc.stderr
     base = None if peft else load_file(str(Path(model) / "model.safetensors"))
-    assert_same_training(one, two, base=base, rtol=1e-5 if peft else 2e-3)
+    # (float rounding: ~1.5e-5 measured for LoRA; ranks training independently would differ by ~1)
+    assert_same_training(one, two, base=base, rtol=1e-4 if peft else 2e-3)
     assert all("aux_loss" in h for h in _history(two) if "loss" in h)

@@ -98,16 +98,22 @@ def _shared_prefix_attention(module, query, key, value, pair_lens, window, **kwa
     return torch.cat(outputs, dim=1), None
 
 
-def register_varlen_sdpa() -> str:
-    """Register `varlen_sdpa_attention` with transformers (once); padded batches keep sdpa's own masks."""
+def register_sdpa_attention(name: str, function) -> str:
+    """Register an sdpa-based attention `function` with transformers as `name` (once), with sdpa's own masks for
+    padded batches. Returns the name, for `set_attn_implementation`."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if VARLEN_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
-    if VARLEN_SDPA not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
-    return VARLEN_SDPA
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, function)
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    return name
+
+
+def register_varlen_sdpa() -> str:
+    """Register `varlen_sdpa_attention` with transformers (once); padded batches keep sdpa's own masks."""
+    return register_sdpa_attention(VARLEN_SDPA, varlen_sdpa_attention)
 
 
 def base_pretrained_model(model):
