@@ -253,3 +253,24 @@ def test_zero3_trains_the_one_process_moe(peft, moe_dirs, tmp_path):
     # (float rounding: ~1.5e-5 measured for LoRA; ranks training independently would differ by ~1)
     assert_same_training(one, two, base=base, rtol=1e-4 if peft else 2e-3)
     assert all("aux_loss" in h for h in _history(two) if "loss" in h)
+
+
+def test_zero3_with_separate_expert_modules_is_one_line():
+    """Under ZeRO-3 a model whose experts are separate modules (older remote-code layouts; transformers' own MoE
+    models fuse them) stops with one line naming the module, instead of hanging when ranks route differently."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from medgpt.moe import check_zero3
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(4)])
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([Block()])
+    check_zero3(model)  # no ZeRO-3: nothing to say
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})  # noqa: F841
+    with pytest.raises(SystemExit, match=r"ZeRO-3: Module keeps its experts as separate modules \(layers.0.experts\)"):
+        check_zero3(model)
+    del zero3
