@@ -12,19 +12,21 @@ Layouts (detected per record, so a folder may mix them):
 
 The subject is the record's "subject", "exam_subject" or "subject_name" field, else the file name without a split
 suffix (`anatomy_val.csv` -> anatomy; `test/anatomy.csv` -> anatomy; `US/test.jsonl` -> US). The split
-(dev/val/test/train) comes from the same suffix or folder: dev files serve as few-shot examples.
+(dev/val/test/train) comes from the same suffix or folder: dev questions of a subject that other files also
+have are few-shot examples (split_few_shot).
 A question without an answer key (a test split) is skipped and counted; a malformed one raises DataError.
 """
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..data.io import DataError, find_data_files, iter_records
+from ..data.io import DataError, find_data_files, iter_records, read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +230,7 @@ def _medmcqa_base(records, path: str, cop_base: Optional[int]) -> int:
 
 def _csv_records(path: str):
     """(row dict with lower-cased column names, 'file:line') for each CSV row, line = where the row starts."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(read_text_file(path), newline="") as f:  # the project's one decoding path (BOM, GBK: errors)
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -303,7 +305,8 @@ def load_mcq(paths: Sequence[str], cop_base: Optional[int] = None, max_samples: 
 
 
 def split_few_shot(items: list[MCQ]) -> tuple[list[MCQ], list[MCQ]]:
-    """(questions to score, few-shot pool): questions of dev-split files are examples only, when other files exist."""
-    dev = [q for q in items if q.split == "dev"]
-    rest = [q for q in items if q.split != "dev"]
-    return (rest, dev) if rest and dev else (items, [])
+    """(questions to score, few-shot pool): questions from dev-split files are examples only, for the subjects that
+    other files have questions of (C-Eval's dev/ beside val/); a dev split alone (MedMCQA's dev.json) is scored."""
+    scored_subjects = {q.subject for q in items if q.split != "dev"}
+    pool = [q for q in items if q.split == "dev" and q.subject in scored_subjects]
+    return [q for q in items if not (q.split == "dev" and q.subject in scored_subjects)], pool

@@ -143,3 +143,24 @@ def comparison_table(results_by_model: dict[str, dict]) -> list[str]:
                 cells.append(f"{s[c]:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def evaluate_models(models: dict[str, tuple[Optional[str], Optional[str]]], template_name: Optional[str],
+                    items: Sequence[MCQ] = (), conversations: Sequence[dict] = (), config: Optional[EvalConfig] = None,
+                    reward_scorer=None, device: Optional[str] = None) -> dict[str, dict]:
+    """label -> results for each (base model, LoRA adapter or None), loaded one at a time with the same template and
+    scored on the same questions and conversations (the pipeline report's evaluation)."""
+    import gc
+
+    from ..generation import ChatModel
+
+    out = {}
+    for label, (base, adapter) in models.items():
+        chat = ChatModel(base, adapter, template_name=template_name, device=device)
+        out[label] = evaluate(chat, items, conversations, config, reward_scorer=reward_scorer,
+                              model_info={"name": label, "base_model": base, "lora_model": adapter})
+        logger.info("%s evaluated in %.0f s: %s", label, out[label]["seconds"],
+                    ", ".join(f"{k} {v:.1f}" for k, v in summary(out[label]).items()))
+        del chat
+        gc.collect()
+    return out
