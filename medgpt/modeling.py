@@ -256,8 +256,9 @@ def resize_embeddings(model, tokenizer) -> int:
     old, new = model.get_input_embeddings().weight.shape[0], len(tokenizer)
     if new <= old:
         return 0
-    model.resize_token_embeddings(new)
     subs = sub_token_ids(getattr(tokenizer, "name_or_path", None), 0)
+    # transformers' mean_resizing (a covariance of all rows) only for rows no record covers
+    model.resize_token_embeddings(new, mean_resizing=sum(1 for i in subs if old <= i < new) < new - old)
     inside = sum(1 for i in subs if i < old)
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
@@ -271,7 +272,7 @@ def resize_embeddings(model, tokenizer) -> int:
                     head[i] = head[ids].mean(0)
                 done += 1
     logger.info("Resized the embeddings from %d to %d rows: %d new rows set to the mean of their base sub-token "
-                "embeddings%s (%s), %d drawn around the mean of all rows", old, new, done,
+                "embeddings%s (%s), %d by transformers (mean_resizing)", old, new, done,
                 "" if head is None else " (input and output)", VOCAB_INFO_FILE, new - old - done)
     if inside:
         logger.warning("%d new token ids fall in embedding rows the model already had (a padded vocabulary); those "
