@@ -1,7 +1,7 @@
 """SFT benchmark: the plain baseline (benchmarks/baseline_sft.py: HF Trainer, padding to the batch's
 longest sample, full-vocabulary logits, as MedicalGPT does) against our supervised_finetuning.py
-(packed padding-free rows, loss on supervised positions only), in one run, on the same model,
-data, flags and seed.
+(packed padding-free rows, loss on supervised positions only), and, on a CPU with native bf16
+(medgpt/precision.py), our script in bf16 as well, in one run, on the same model, data, flags and seed.
 
 Each training run is its own subprocess, one after the other, so its peak RSS is its own (wait4).
 Both see the same samples in the same batches (batch_size samples per optimizer step, same sampler
@@ -26,7 +26,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "sft", "medical_sft_1K_format.jsonl")
-RUNS = {"baseline": "benchmarks/baseline_sft.py", "ours": "supervised_finetuning.py"}
+RUNS = {"baseline": "benchmarks/baseline_sft.py", "ours": "supervised_finetuning.py",
+        "ours_bf16": "supervised_finetuning.py"}
+# the bf16 side: bf16 weights and bf16 autocast, LoRA weights and optimizer in float32 (what GPU users run)
+BF16_FLAGS = ["--torch_dtype", "bfloat16", "--bf16"]
 
 
 def parse(argv=None):
@@ -47,6 +50,8 @@ def parse(argv=None):
                    help="train each side N times, alternating; speed from each side's fastest run (noise from other "
                         "processes only slows a run down), peak RSS: our highest against the baseline's lowest")
     p.add_argument("--only", choices=sorted(RUNS), default=None, help="run one side only (development)")
+    p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
+                   help="the bf16 side: auto = where the CPU has native bf16 (or a GPU is used)")
     p.add_argument("--extra", default="", help="more flags for both runs, e.g. \"--gradient_checkpointing True\"")
     p.add_argument("--workdir", default=None, help="where data and outputs go (default: a temporary folder)")
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "bench_sft.json"),
@@ -174,6 +179,16 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def bf16_side(args) -> bool:
+    """Whether to run the bf16 side (--bf16 auto: where the CPU has native bf16, see medgpt/precision.py)."""
+    if args.bf16 != "auto":
+        return args.bf16 == "yes"
+    import torch
+
+    from medgpt.precision import cpu_bf16
+    return torch.cuda.is_available() or cpu_bf16().fast
+
+
 def start(args, prefix: str, common_flags):
     """The data split, the flags of both sides, the results record and the sides to run."""
     workdir = args.workdir or tempfile.mkdtemp(prefix=prefix)
@@ -182,7 +197,8 @@ def start(args, prefix: str, common_flags):
     results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
                "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output")},
                "flags": flags, "runs": {}}
-    return workdir, dirs, flags, results, [args.only] if args.only else ["baseline", "ours"]
+    names = ["baseline", "ours"] + (["ours_bf16"] if bf16_side(args) else [])
+    return workdir, dirs, flags, results, [args.only] if args.only else names
 
 
 def train_sides(names, repeat, workdir, train_one) -> dict:
@@ -201,7 +217,7 @@ def train_sides(names, repeat, workdir, train_one) -> dict:
     for name, runs in attempts.items():
         best[name] = dict(min(runs, key=lambda run: run["train_runtime_s"]))
         rss = [run["peak_rss_gb"] for run in runs]
-        best[name]["peak_rss_gb"] = max(rss) if name == "ours" else min(rss)
+        best[name]["peak_rss_gb"] = max(rss) if name.startswith("ours") else min(rss)
         best[name]["attempts"] = [{k: run[k] for k in ("train_runtime_s", "peak_rss_gb", "other_processes_cpu_s", "log")}
                                   for run in runs]
         best[name]["output_dir"] = os.path.join(workdir, f"{name}-{len(runs) - 1}")
@@ -209,14 +225,14 @@ def train_sides(names, repeat, workdir, train_one) -> dict:
 
 
 def print_table(runs: dict, rows, no_ratio=("pad_fraction",)):
-    """rows: (label, key, format); a ratio column when both sides ran."""
-    names = [n for n in ("baseline", "ours") if n in runs]
-    print(f"\n{'':28}" + "".join(f"{n:>14}" for n in names) + ("        ratio" if len(names) == 2 else ""))
+    """rows: (label, key, format); then each side's ratio to the first (the baseline) when several ran."""
+    names = [n for n in ("baseline", "ours", "ours_bf16") if n in runs]
+    print(f"\n{'':28}" + "".join(f"{n:>14}" for n in names) + "".join(f"{n + '/' + names[0]:>22}" for n in names[1:]))
     for label, key, fmt in rows:
         vals = [runs[n].get(key) for n in names]
         line = f"{label:28}" + "".join(f"{fmt.format(v) if v is not None else '-':>14}" for v in vals)
-        if len(vals) == 2 and all(isinstance(v, (int, float)) and v for v in vals) and key not in no_ratio:
-            line += f"{vals[1] / vals[0]:>12.3f}x"
+        if all(isinstance(v, (int, float)) and v for v in vals) and key not in no_ratio:
+            line += "".join(f"{v / vals[0]:>21.3f}x" for v in vals[1:])
         print(line)
 
 
@@ -245,14 +261,15 @@ def main(argv=None):
     args = parse(argv)
     workdir, dirs, flags, results, names = start(args, "bench_sft-", common_flags)
     results["runs"] = train_sides(names, args.repeat, workdir,
-                                  lambda name, out: sft_run(RUNS[name], flags, out, args.threads))
+                                  lambda name, out: sft_run(RUNS[name], flags + (BF16_FLAGS if name == "ours_bf16" else []),
+                                                            out, args.threads))
     print("scoring the held-out samples ...", flush=True)
     losses = heldout_losses(args.model, {n: run["output_dir"] for n, run in results["runs"].items()},
                             dirs["heldout"], args.max_length)
     results["heldout"] = losses
     for name, run in results["runs"].items():
         run["heldout_loss"] = round(losses[name], 5)
-    if len(results["runs"]) == 2:
+    if "baseline" in results["runs"] and "ours" in results["runs"]:
         base, ours = results["runs"]["baseline"], results["runs"]["ours"]
         speed = ours["supervised_tokens_per_s"] / base["supervised_tokens_per_s"]
         rss = ours["peak_rss_gb"] / base["peak_rss_gb"]
@@ -267,6 +284,21 @@ def main(argv=None):
             "same supervised tokens": {"value": f"{ours['supervised_tokens']} vs {base['supervised_tokens']}",
                                        "target": "equal", "ok": ours["supervised_tokens"] == base["supervised_tokens"]},
         }
+        if "ours_bf16" in results["runs"]:
+            bf16 = results["runs"]["ours_bf16"]
+            speed = bf16["supervised_tokens_per_s"] / ours["supervised_tokens_per_s"]
+            loss_diff = abs(bf16["heldout_loss"] - base["heldout_loss"]) / base["heldout_loss"]
+            results["checks"].update({
+                "supervised tokens/s, ours bf16 / ours fp32": {"value": round(speed, 3), "target": ">= 1.8",
+                                                               "ok": speed >= 1.8},
+                "peak RSS, ours bf16 / ours fp32": {"value": round(bf16["peak_rss_gb"] / ours["peak_rss_gb"], 3),
+                                                    "target": "<= 1.0", "ok": bf16["peak_rss_gb"] <= ours["peak_rss_gb"]},
+                "held-out loss, |ours bf16 - baseline| / baseline": {"value": round(loss_diff, 4), "target": "<= 0.02",
+                                                                     "ok": loss_diff <= 0.02},
+                "same supervised tokens, bf16": {"value": f"{bf16['supervised_tokens']} vs {base['supervised_tokens']}",
+                                                 "target": "equal",
+                                                 "ok": bf16["supervised_tokens"] == base["supervised_tokens"]},
+            })
     print_table(results["runs"], SFT_ROWS)
     print(f"\nheld-out loss before training: {losses['base']:.4f} ({losses['heldout_samples']} samples)")
     return finish(results, args.output, workdir)

@@ -41,7 +41,8 @@ class ModelArguments:
     torch_dtype: Optional[str] = field(
         default=None,
         metadata={"help": "Load dtype: auto, float32, float16 or bfloat16. On a machine without CUDA, "
-                          "half precision is replaced by float32 (CPU bf16 is ~300x slower).",
+                          "half precision becomes bfloat16 where the CPU has native bf16 (AVX512-BF16/AMX) and "
+                          "float32 elsewhere (emulated bf16 is ~300x slower).",
                   "choices": ["auto", "bfloat16", "float16", "float32"]},
     )
     device_map: Optional[str] = field(
@@ -235,32 +236,45 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _drop_half_precision_on_cpu(argv: list[str]) -> list[str]:
-    """--bf16/--fp16 (as in GPU-oriented run scripts) on a machine without CUDA: train in float32.
-    CPU bf16 matmuls are ~300x slower than fp32 on CPUs without AMX, and TrainingArguments refuses
-    --bf16 on such machines, so a MedicalGPT run script would otherwise not start at all."""
+HALF_PRECISION_FLAGS = ("--bf16", "--fp16", "--bf16_full_eval", "--fp16_full_eval")
+
+
+def _half_precision_on_cpu(argv: list[str]) -> list[str]:
+    """--bf16/--fp16 (as in GPU-oriented run scripts) on a machine without CUDA. Where the CPU has native bf16
+    (medgpt.precision: flags plus a timed matmul), --bf16 trains with bf16 autocast as on a GPU, --fp16 becomes --bf16
+    (CPUs have no fast fp16 matmul), and --use_cpu is added (TrainingArguments accepts bf16 without a GPU only with
+    it). Elsewhere the flags are dropped and training runs in float32, with the measured reason in the log:
+    TrainingArguments would refuse them and a MedicalGPT run script would not start at all."""
     if _cuda_available():
         return argv
-    out, i, dropped = [], 0, []
+    out, i, asked = [], 0, []
     while i < len(argv):
-        name = argv[i].partition("=")[0]
-        if name in ("--bf16", "--fp16", "--bf16_full_eval", "--fp16_full_eval"):
-            dropped.append(name)
-            if "=" not in argv[i] and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false", "1", "0"):
-                i += 1
+        name, eq, value = argv[i].partition("=")
+        if name in HALF_PRECISION_FLAGS:
+            if not eq and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false", "1", "0"):
+                value, i = argv[i + 1], i + 1
             i += 1
+            if value.lower() not in ("false", "0"):
+                asked.append(name)
             continue
         out.append(argv[i])
         i += 1
-    if dropped:
-        logger.warning("No CUDA device: ignoring %s and training in float32 (half precision is very slow on CPU).",
-                       " ".join(dropped))
+    if not asked:
+        return out
+    from .precision import half_precision_on_cpu
+
+    if half_precision_on_cpu(" ".join(asked)) is None:
+        return out  # float32
+    out += sorted({"--bf16_full_eval" if name.endswith("full_eval") else "--bf16" for name in asked})
+    if not any(a.partition("=")[0] == "--use_cpu" for a in out):
+        out.append("--use_cpu")
     return out
 
 
 def _cpu_precision_defaults(dataclass_types) -> list[str]:
     """TRL's configs (DPOConfig, RewardConfig, ...) default --bf16 to True, which TrainingArguments refuses on a
-    machine without CUDA (and CPU bf16 is ~300x slower): there, default it to False (float32)."""
+    machine without CUDA: there, default it to False (float32), so that bf16 on a CPU is asked for with --bf16 (and
+    works only where the CPU has native bf16, see _half_precision_on_cpu) and float32 results stay the default."""
     if _cuda_available():
         return []
     for t in dataclass_types:
@@ -328,7 +342,7 @@ def parse_args(*dataclass_types, argv: list[str] | None = None):
             config_path = arg.split("=", 1)[1]
     if config_path:
         argv = _config_to_argv(config_path) + argv  # the command line comes last, so it wins
-    argv = _drop_half_precision_on_cpu(_translate_legacy(argv))
+    argv = _half_precision_on_cpu(_translate_legacy(argv))
     configure_launch(argv)  # torchrun/deepspeed launches: data-parallel (gloo on CPU), --deepspeed file checked
     given = frozenset(a[2:].partition("=")[0] for a in argv if a.startswith("--") and len(a) > 2)
     argv = _cpu_precision_defaults(dataclass_types) + argv

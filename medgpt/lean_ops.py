@@ -34,11 +34,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None  # every chunk fills its rows
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        dtype = _matmul_dtype(hidden, weight)  # bf16 matmuls; the softmax, the loss and grad_w in float32
+        w = weight.to(dtype)
         for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
             valid = t.ne(IGNORE_INDEX)
             t = t.masked_fill(~valid, 0)
-            logits = (h @ weight.t()).float()
+            logits = (h @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             total = total + ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
             if need_h or need_w:
@@ -46,9 +48,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 rows = torch.arange(len(t), device=t.device)
                 probs[rows, t] -= 1.0  # d CE / d logits = softmax - one-hot
                 probs.mul_(valid[:, None])
-                probs = probs.to(weight.dtype)
+                probs = probs.to(dtype)
                 if need_h:
-                    grad_h[start:start + chunk] = probs @ weight
+                    grad_h[start:start + chunk] = probs @ w
                 if need_w:
                     grad_w += (probs.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
@@ -60,6 +62,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad.to(grad_h.dtype),
                 None if grad_w is None else (grad_w * grad).to(ctx.weight_dtype), None, None)
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The head's matmul dtype: a half-precision head weight's own; else autocast's, when it is on (mixed precision
+    with float32 weights: the Trainer runs the loss under the accelerator's autocast); else the hidden states'."""
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        return weight.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return hidden.dtype
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -8,8 +8,8 @@ and v each keep their own copy of the same input). On a 2-core CPU those passes 
 computed with one masked copy (a multiply by the 0/1 float mask), one small matmul and one fused multiply-add;
 backward recomputes the masked input from `x` (shared by the layers that read it) and a 1-byte mask. Same math, same
 dropout masks for the same seed as peft with FastCPUDropout. Layers it does not cover (DoRA and other variants,
-several active adapters, merged or disabled adapters, quantized base layers, other devices or dtypes) keep peft's
-forward.
+several active adapters, merged or disabled adapters, quantized base layers, other devices) keep peft's forward.
+In bf16 (--bf16 autocast or bf16 weights) the branch runs in bf16 with float32 adapter weights and gradients.
 """
 from __future__ import annotations
 
@@ -78,14 +78,20 @@ def _as_float(keep: torch.Tensor, dtype) -> torch.Tensor:
 
 
 class _LoRABranch(torch.autograd.Function):
-    """out = base + coef * ((x masked) @ A^T) @ B^T, saving x, the mask and the [tokens, r] hidden."""
+    """out = base + coef * ((x masked) @ A^T) @ B^T, saving x, the mask and the [tokens, r] hidden.
+
+    Computed in the dtype of `base`, the base layer's output: bfloat16 under --bf16 (autocast) or with bf16 weights.
+    peft keeps adapter weights in float32; they are cast for the matmuls (r rows: cheap) and their gradients come
+    back in float32 (each matmul accumulates in float32 inside oneDNN, as autocast's own LoRA matmuls do on a GPU);
+    x may be float32 (autocast over float32 weights): it is cast here and its gradient returned in its dtype."""
 
     @staticmethod
     def forward(ctx, x, base, weight_a, weight_b, keep, coef):
-        x2 = x.reshape(-1, x.shape[-1])
-        masked = x2 if keep is None else x2 * _as_float(keep.reshape(x2.shape), x.dtype)
-        hidden = (masked @ weight_a.t()).mul_(coef)
-        out = torch.addmm(base.reshape(-1, base.shape[-1]), hidden, weight_b.t())
+        dtype = base.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        masked = x2 if keep is None else x2 * _as_float(keep.reshape(x2.shape), dtype)
+        hidden = (masked @ weight_a.to(dtype).t()).mul_(coef)
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), hidden, weight_b.to(dtype).t())
         ctx.save_for_backward(x, keep, hidden, weight_a, weight_b)
         ctx.coef = coef
         return out.view(base.shape)
@@ -93,21 +99,22 @@ class _LoRABranch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, keep, hidden, weight_a, weight_b = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_hidden = (g @ weight_b).mul_(ctx.coef)  # d out / d (masked @ A^T)
+        dtype = hidden.dtype
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        grad_hidden = (g @ weight_b.to(dtype)).mul_(ctx.coef)  # d out / d (masked @ A^T)
         grad_x = grad_a = grad_b = None
-        x2 = x.reshape(-1, x.shape[-1])
-        mask = None if keep is None else _as_float(keep.reshape(x2.shape), x.dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        mask = None if keep is None else _as_float(keep.reshape(x2.shape), dtype)
         if ctx.needs_input_grad[2]:
             masked = x2 if mask is None else x2 * mask
-            grad_a = grad_hidden.t() @ masked
+            grad_a = (grad_hidden.t() @ masked).to(weight_a.dtype)
         if ctx.needs_input_grad[3]:
-            grad_b = g.t() @ hidden
+            grad_b = (g.t() @ hidden).to(weight_b.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = grad_hidden @ weight_a
+            grad_x = grad_hidden @ weight_a.to(dtype)
             if mask is not None:
                 grad_x = grad_x.mul_(mask)
-            grad_x = grad_x.view(x.shape)
+            grad_x = grad_x.view(x.shape).to(x.dtype)
         return grad_x, grad if ctx.needs_input_grad[1] else None, grad_a, grad_b, None, None
 
 
@@ -121,8 +128,8 @@ def _fused_forward(self, x, *args, **kwargs):
     if name not in self.lora_A or name in self.lora_variant:
         return fallback(self, x, *args, **kwargs)
     lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-    if lora_a.bias is not None or lora_b.bias is not None or x.dtype != lora_a.weight.dtype \
-            or x.dtype != self.base_layer.weight.dtype \
+    if lora_a.bias is not None or lora_b.bias is not None or not x.is_floating_point() \
+            or not (x.dtype == self.base_layer.weight.dtype or torch.is_autocast_enabled("cpu")) \
             or lora_a.weight.shape[-1] != x.shape[-1]:  # e.g. a sharded (ZeRO-3) weight
         return fallback(self, x, *args, **kwargs)
     base = self.base_layer(x)

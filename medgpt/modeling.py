@@ -19,13 +19,14 @@ def has_cuda() -> bool:
 
 
 def resolve_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    """The load dtype; half precision becomes float32 on a machine without CUDA (CPU bf16 is ~300x slower)."""
+    """The load dtype. On a machine without CUDA: float32 by default ("auto" too), and half precision becomes
+    bfloat16 where the CPU has native bf16, else float32 (medgpt.precision says which, and why, in the log)."""
     if name in (None, "auto"):
         return torch.float32 if not has_cuda() else "auto"
     dtype = getattr(torch, name)
     if dtype in (torch.float16, torch.bfloat16) and not has_cuda():
-        logger.warning("No CUDA device: loading in float32 instead of %s.", name)
-        return torch.float32
+        from .precision import half_precision_on_cpu
+        return half_precision_on_cpu(f"--torch_dtype {name}") or torch.float32
     return dtype
 
 

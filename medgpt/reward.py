@@ -59,7 +59,7 @@ class RewardScorer:
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = resolve_dtype(torch_dtype) if self.device.type == "cuda" else torch.float32
+        dtype = resolve_dtype(torch_dtype) if self.device.type == "cuda" or torch_dtype else torch.float32
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
