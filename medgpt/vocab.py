@@ -84,9 +84,8 @@ def jieba_word_freqs(texts: Iterable[str], user_dict: Optional[str] = None, min_
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
-    if user_dict:
-        read_word_list(user_dict)  # one-line errors for a malformed line, before jieba reads it
-        jieba.load_userdict(user_dict)
+    for word in read_word_list(user_dict) if user_dict else []:  # (jieba.load_userdict would take '#' lines as words)
+        jieba.add_word(word)  # with the frequency jieba needs to cut it out whole
     counts: Counter = Counter()
     for text in texts:
         counts.update(w for w in jieba.cut(text) if len(w) >= min_len and all(_CJK.match(c) for c in w))
@@ -172,8 +171,12 @@ class BpeExtender:
         self.merges_as_str = bool(merges) and isinstance(merges[0], str)
         self.ranks = {tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m): i for i, m in enumerate(merges)}
         self.base_ranks = dict(self.ranks)
-        added_ids = [t["id"] for t in tokenizer_json.get("added_tokens") or []]
-        self.start = max(list(self.vocab.values()) + added_ids) + 1
+        # Added tokens outside the model's vocabulary (Qwen's specials) get their ids counted from the model's
+        # vocabulary size when the tokenizer loads, so new entries would shift them: they join the vocabulary, with
+        # their ids, first (as SmolLM2's specials already are; matched before the model, they never come out of it).
+        for t in tokenizer_json.get("added_tokens") or []:
+            self.vocab.setdefault(t["content"], t["id"])
+        self.start = max(self.vocab.values()) + 1
         self.next_id = self.start
         self.new_merges: list[tuple[str, str]] = []
         self.new_tokens: list[str] = []

@@ -34,10 +34,13 @@ def domain(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smol_merged(domain, default_model_dir, tmp_path_factory):
+    """tools/merge_tokenizers.py's work in this process (the script itself: test_pipeline_expand_vocab, and the
+    error tests below)."""
+    from medgpt.vocab import merge_tokenizers, read_word_list
+
     out = tmp_path_factory.mktemp("smol-merged")
-    run_script("tools/merge_tokenizers.py", "--base_tokenizer_dir", default_model_dir, "--domain_sp_model_file",
-               str(domain / "domain_sp.model"), "--add_words_file", str(WORDS), str(domain / "word_freq.txt"),
-               "--output_dir", str(out))
+    words = read_word_list(str(WORDS)) + read_word_list(str(domain / "word_freq.txt"))
+    merge_tokenizers(default_model_dir, str(out), str(domain / "domain_sp.model"), words)
     return str(out)
 
 
@@ -230,3 +233,54 @@ def test_pt_with_expanded_vocab_merge_and_inference(llama_base, llama_merged, tm
                    llama_merged, *ask).stdout.strip()
     print("merged model:", a)
     assert a and a == b
+
+
+@pytest.mark.slow  # the pipeline's PT and SFT stages, merges and answers: a few minutes
+def test_pipeline_expand_vocab(learnable_model_dir, tmp_path):
+    """run_pipeline.py --expand_vocab: the merged tokenizer is built from data/pretrain, PT trains embed_tokens and
+    lm_head with it, and SFT starts from the merged PT model with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path / "pipe"
+    short = "--max_steps 2 --eval_steps 1 --logging_steps 1 --report_to none"
+    proc = run_script("run_pipeline.py", "--model_name_or_path", learnable_model_dir, "--output_root", str(root),
+                      "--expand_vocab", "--stages", "pt,sft", "--max_new_tokens", "4", "--stage_args", f"pt={short}",
+                      "--stage_args", f"sft={short}", timeout=1500)
+    merged = AutoTokenizer.from_pretrained(root / "vocab" / "merged_tokenizer")
+    assert len(merged) > len(AutoTokenizer.from_pretrained(learnable_model_dir)) + 500
+    adapter = json.load(open(root / "pt" / "adapter_config.json"))
+    assert set(adapter["modules_to_save"]) >= {"embed_tokens", "lm_head"}
+    for stage in ("pt-merged", "sft-merged"):
+        assert json.load(open(root / stage / "config.json"))["vocab_size"] == len(merged), stage
+        assert len(AutoTokenizer.from_pretrained(root / stage)) == len(merged), stage
+    assert "Assistant (SFT model):" in proc.stdout
+
+
+def test_qwen_layout_special_tokens_keep_their_ids(domain, default_model_dir, tmp_path):
+    """Qwen keeps its special tokens out of the BPE vocabulary, after it; tokenizers numbers such added tokens from
+    the vocabulary's size when it loads, so the merge must not shift them."""
+    from transformers import AutoTokenizer
+
+    from medgpt.vocab import merge_tokenizers, read_word_list
+
+    t = json.load(open(os.path.join(default_model_dir, "tokenizer.json")))
+    specials = [a["content"] for a in t["added_tokens"]]
+    ordered = [k for k, _ in sorted(t["model"]["vocab"].items(), key=lambda kv: kv[1]) if k not in specials]
+    t["model"]["vocab"] = {k: i for i, k in enumerate(ordered)}
+    for j, a in enumerate(t["added_tokens"]):
+        a["id"] = len(ordered) + j
+    base_dir = tmp_path / "qwen-like"
+    AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(base_dir)
+    json.dump(t, open(base_dir / "tokenizer.json", "w"), ensure_ascii=False)
+    config = json.load(open(base_dir / "tokenizer_config.json"))
+    config.pop("added_tokens_decoder", None)
+    json.dump(config, open(base_dir / "tokenizer_config.json", "w"))
+    base = AutoTokenizer.from_pretrained(base_dir)
+    assert base.convert_tokens_to_ids("<|im_start|>") == len(ordered) + 1
+    info = merge_tokenizers(str(base_dir), str(tmp_path / "merged"), str(domain / "domain_sp.model"),
+                            read_word_list(str(WORDS)))
+    merged = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    _assert_extends(base, merged, info)
+    text = "<|im_start|>user\n" + HELD_OUT_ZH + "<|im_end|>"
+    assert merged.decode(merged.encode(text)) == text and merged.encode(text)[0] == base.encode(text)[0]
+    _assert_shorter_and_exact(base, merged, HELD_OUT_ZH, 0.5)
