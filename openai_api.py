@@ -6,6 +6,8 @@
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (stream: true sends server-sent events ending with
 `data: [DONE]`), GET /health. One worker generates; requests wait in a bounded queue (503 when full).
+With --rag_docs FOLDER, each question is answered from the best passages of those documents and the response
+carries them as "sources" (see medgpt/rag).
 """
 import argparse
 import asyncio
