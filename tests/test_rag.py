@@ -149,17 +149,18 @@ def test_bad_documents_are_counted_skips_with_one_line_each(tmp_path, caplog):
     (folder / "broken.pdf").write_bytes(b"%PDF-1.4\nthis is not really a pdf\n")
     (folder / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00")
     (folder / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (folder / "gbk.md").write_bytes("# 高血压\n\n高血压患者的饮食\n".encode("gbk"))
     (folder / "fake.docx").write_text("not a zip", encoding="utf-8")
     (folder / "empty.md").write_text("\n  \n", encoding="utf-8")
     write_text_pdf(folder / "scan.pdf", [[]])  # a page without text, as a scanned PDF
     (folder / "photo.png").write_bytes(b"\x89PNG")
     with caplog.at_level(logging.WARNING):
         index = DocumentIndex.build([str(folder)], str(tmp_path / "index"))
-    assert (index.stats.documents, index.stats.skipped, index.stats.other_files) == (1, 7, 1)
+    assert (index.stats.documents, index.stats.skipped, index.stats.other_files) == (1, 8, 1)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 7 and all("\n" not in w for w in warnings)
+    assert len(warnings) == 8 and all("\n" not in w for w in warnings)
     expect = {"locked.pdf": "encrypted PDF (it needs a password)", "broken.pdf": "unreadable PDF",
-              "binary.txt": "a binary file, not text", "latin1.txt": ":1: not UTF-8 text",
+              "binary.txt": "a binary file, not text", "latin1.txt": ":1: not UTF-8 text", "gbk.md": ":1: not UTF-8 text",
               "fake.docx": "not a readable .docx file", "empty.md": "no text", "scan.pdf": "no text (a scanned PDF"}
     for name, what in expect.items():
         assert any(name in w and what in w for w in warnings), (name, warnings)

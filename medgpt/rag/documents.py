@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
-from ..data.io import DataError
+from ..data.io import DataError, read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -106,15 +106,10 @@ def read_document(path: str) -> list[Section]:
 
 
 def _read_text(path: str) -> str:
-    with open(path, "rb") as f:
-        data = f.read()
-    if b"\x00" in data[:65536]:
-        raise SkipFile(f"{path}: a binary file, not text (it has NUL bytes)")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise SkipFile(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start + 1}); save it as UTF-8") from None
+    try:  # the project's one decoding of user files: UTF-8, BOM dropped, binary/GBK/UTF-16 a one-line error
+        text = read_text_file(path)
+    except DataError as e:
+        raise SkipFile(str(e)) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
