@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .data.sft import IGNORE_INDEX
 
+ROWS = 64  # bf16 on a CPU: chunks padded to a multiple of this many rows
 CHUNK = 1024  # positions per chunk: [1024, vocab] float logits (200 MB for a 49k vocabulary) at a time
 
 
@@ -36,8 +37,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dtype = _matmul_dtype(hidden, weight)  # bf16 matmuls; the softmax, the loss and grad_w in float32
         w = weight.to(dtype)
+        # bf16 on a CPU: oneDNN compiles a kernel per matmul shape (medgpt.data.collator.pad_packed_row), so the last,
+        # odd-sized chunk is padded with ignored rows to a multiple of ROWS
+        multiple = ROWS if dtype in (torch.bfloat16, torch.float16) and hidden.device.type == "cpu" else 1
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
+            n, extra = len(t), -len(t) % multiple
+            if extra:
+                h, t = F.pad(h, (0, 0, 0, extra)), F.pad(t, (0, extra), value=IGNORE_INDEX)
             valid = t.ne(IGNORE_INDEX)
             t = t.masked_fill(~valid, 0)
             logits = (h @ w.t()).float()
@@ -50,7 +57,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.mul_(valid[:, None])
                 probs = probs.to(dtype)
                 if need_h:
-                    grad_h[start:start + chunk] = probs @ w
+                    grad_h[start:start + chunk] = (probs @ w)[:n]
                 if need_w:
                     grad_w += (probs.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w)

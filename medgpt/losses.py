@@ -24,13 +24,15 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .data.collator import TokenStats, base_pretrained_model, split_packed_batch
+from .data.collator import TokenStats, base_pretrained_model, pad_packed_row, split_packed_batch
 from .data.sft import IGNORE_INDEX
 from .lean_ops import hidden_instead_of_logits, linear_cross_entropy, plain_head, use_recomputed_swiglu
 from .lora_cpu import FastCPUDropout, use_fast_cpu_dropout, use_fused_lora  # noqa: F401 (re-exported)
 from .moe import aux_loss_coef, check_zero3, log_aux_loss_choice, router_aux_term, set_aux_loss_coef
 
 logger = logging.getLogger(__name__)
+
+ROW_MULTIPLE = 64  # bf16 on a CPU: packed rows padded to a multiple of this many tokens (pad_packed_row)
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -138,21 +140,28 @@ class LeanTrainer(TokenCountingTrainer):
         if lean_loss and not self.lean_loss:
             logger.warning("%s has no logits_to_keep argument: computing the loss on full logits",
                            type(base_pretrained_model(self.model)).__name__)
+        # bf16 on a CPU: packed rows rounded up to a multiple of ROW_MULTIPLE tokens (see pad_packed_row)
+        # (not for MoE models: filler tokens would enter the router's load-balancing loss)
+        self.row_multiple = ROW_MULTIPLE if self.lean_loss and not self.aux_coef and self.args.device.type == "cpu" and (
+            self.args.bf16 or any(p.dtype == torch.bfloat16 for p in self.model.parameters())) else None
+
+    def _bucketed(self, row: dict) -> dict:
+        return pad_packed_row(row, self.row_multiple) if self.row_multiple and "cu_seq_lens_q" in row else row
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         rows = split_packed_batch(inputs, self.max_packed_tokens) if "cu_seq_lens_q" in inputs else [inputs]
         if len(rows) == 1 or self.is_deepspeed_enabled:  # DeepSpeed steps inside backward: one pass per step
-            return super().training_step(model, inputs, num_items_in_batch)
+            return super().training_step(model, self._bucketed(inputs), num_items_in_batch)
         if num_items_in_batch is None:  # normalize every row by the whole batch, so the rows add up to its loss
             num_items_in_batch = inputs["labels"][..., 1:].ne(IGNORE_INDEX).sum()
         total = inputs["input_ids"].shape[1]
         for row in rows:  # MoE: each row's load-balancing loss weighted by its share of the batch's tokens
             row["aux_weight"] = row["input_ids"].shape[1] / total
-        return step_rows(self, model, rows, super().training_step, num_items_in_batch)
+        return step_rows(self, model, [self._bucketed(row) for row in rows], super().training_step, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        aux_weight = inputs.get("aux_weight", 1.0)
-        inputs = {k: v for k, v in inputs.items() if k != "aux_weight"}
+        aux_weight, filler = inputs.get("aux_weight", 1.0), inputs.get("filler_tokens", 0)
+        inputs = {k: v for k, v in inputs.items() if k not in ("aux_weight", "filler_tokens")}
         with_aux = bool(self.aux_coef) and model.training  # evaluation reports the LM loss (and its perplexity)
         if with_aux:
             inputs["output_router_logits"] = True
@@ -160,7 +169,7 @@ class LeanTrainer(TokenCountingTrainer):
             # (the model's own loss: with output_router_logits it adds router_aux_loss_coef * aux_loss itself)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
-            self.token_stats.update(inputs)
+            self.token_stats.update({**inputs, "filler_tokens": filler})
         with self.accelerator.autocast():  # --bf16: the fused head + loss outside the model's forward too
             loss, outputs = supervised_lm_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

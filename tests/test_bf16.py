@@ -1,0 +1,235 @@
+"""bf16 on a CPU (medgpt/precision.py): the capability check and its fallback, our kernels in bf16, and bf16 training
+following the float32 loss curve."""
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from medgpt import precision
+
+
+@pytest.fixture
+def fresh_check(monkeypatch, tmp_path):
+    """An uncached capability check with its cache file in tmp_path."""
+    monkeypatch.setenv("MEDGPT_HOME", str(tmp_path))
+    monkeypatch.delenv(precision.ENV, raising=False)
+    precision.cpu_bf16.cache_clear()
+    precision._log_decision.cache_clear()
+    yield
+    precision.cpu_bf16.cache_clear()
+    precision._log_decision.cache_clear()
+
+
+def test_cpu_without_bf16_flags_trains_in_float32_and_says_why(fresh_check, monkeypatch, caplog):
+    from medgpt.args import _half_precision_on_cpu
+    from medgpt.modeling import resolve_dtype
+
+    monkeypatch.setattr(precision, "_cpu_info", lambda: ("AMD EPYC 7B12", ()))
+    monkeypatch.setattr("medgpt.args._cuda_available", lambda: False)
+    monkeypatch.setattr("medgpt.modeling.has_cuda", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert _half_precision_on_cpu(["--bf16", "--fp16", "True", "--x", "1"]) == ["--x", "1"]
+        assert resolve_dtype("bfloat16") is torch.float32
+    text = caplog.text
+    assert "-> float32" in text and "AMD EPYC 7B12 has no native bf16" in text and "300x slower" in text
+
+
+def test_timed_matmul_decides_and_is_cached(fresh_check, monkeypatch, tmp_path, caplog):
+    """Flags that promise bf16 are not enough: a slow measured bf16 matmul means float32, and the verdict is cached."""
+    calls = []
+
+    def gflops(dtype, **kw):
+        calls.append(dtype)
+        return 67.0 if dtype is torch.float32 else 0.2
+
+    monkeypatch.setattr(precision, "_cpu_info", lambda: ("Some CPU", ("avx512_bf16",)))
+    monkeypatch.setattr(precision, "_matmul_gflops", gflops)
+    check = precision.cpu_bf16()
+    assert not check.fast and "bf16 matmul 0 GFLOP/s vs fp32 67" in check.reason and "1.3x" in check.reason
+    assert len(calls) == 2
+    cached = json.loads((tmp_path / "cpu_bf16.json").read_text())
+    assert [v["fast"] for v in cached.values()] == [False]
+    precision.cpu_bf16.cache_clear()
+    assert not precision.cpu_bf16().fast and len(calls) == 2  # read from the cache, not measured again
+    with caplog.at_level(logging.WARNING):
+        assert precision.half_precision_on_cpu("--bf16") is None
+    assert "--bf16 on this CPU -> float32" in caplog.text
+
+
+def test_fast_bf16_keeps_bf16_flags_and_adds_use_cpu(fresh_check, monkeypatch):
+    from medgpt.args import _half_precision_on_cpu
+    from medgpt.modeling import resolve_dtype
+
+    monkeypatch.setenv(precision.ENV, "1")
+    monkeypatch.setattr("medgpt.args._cuda_available", lambda: False)
+    monkeypatch.setattr("medgpt.modeling.has_cuda", lambda: False)
+    assert _half_precision_on_cpu(["--fp16", "--x", "1"]) == ["--x", "1", "--bf16", "--use_cpu"]
+    assert _half_precision_on_cpu(["--bf16", "False"]) == []  # asked for float32: nothing to do
+    assert _half_precision_on_cpu(["--bf16_full_eval", "--use_cpu", "True"]) == ["--use_cpu", "True", "--bf16_full_eval"]
+    assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype("float16") is torch.bfloat16
+    assert resolve_dtype(None) is torch.float32  # bf16 on a CPU is asked for, never a default
+
+
+def test_this_machines_check_agrees_with_its_flags(fresh_check):
+    check = precision.cpu_bf16()
+    cpu, flags = precision._cpu_info()
+    if not flags:
+        assert not check.fast
+    else:
+        assert check.fast == (check.bf16_gflops >= precision.MIN_SPEEDUP * check.fp32_gflops)
+    assert check.reason
+
+
+def _tiny_llama(smol_tokenizer, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        initializer_range=0.2)).to(dtype)
+
+
+def test_fused_lora_in_bf16_is_as_close_to_float32_as_peft(smol_tokenizer):
+    """bf16 weights, float32 LoRA weights (peft's choice), bf16 autocast: the fused layer (bf16 matmuls) is as close
+    to the float32 model's loss and LoRA gradients as peft's own bf16 forward, and adapter gradients stay float32."""
+    from medgpt.args import LoraArguments
+    from medgpt.lora_cpu import use_fused_lora
+    from medgpt.modeling import apply_lora
+
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name in ("fp32", "peft-bf16", "fused-bf16"):
+        model = _tiny_llama(smol_tokenizer, torch.float32)
+        model = apply_lora(model, LoraArguments(lora_dropout=0.0), SimpleNamespace(gradient_checkpointing=False))
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if "lora_B" in pname:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(pname))) * 0.1)
+                elif not param.requires_grad and name != "fp32":
+                    param.data = param.data.bfloat16()  # the frozen base in bf16, as --torch_dtype bfloat16 loads it
+        if name == "fused-bf16":
+            assert use_fused_lora(model) == 14  # 7 linear layers x 2 decoder layers
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "fp32"):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert len(grads) == 28 and all(g.dtype is torch.float32 for g in grads.values())
+        results[name] = (float(out.loss.detach()), torch.cat([g.flatten() for g in grads.values()]))
+    ref_loss, ref = results["fp32"]
+    errors = {}
+    for name in ("peft-bf16", "fused-bf16"):
+        loss, grad = results[name]
+        assert loss == pytest.approx(ref_loss, rel=1e-2)
+        errors[name] = float((grad - ref).norm() / ref.norm())
+    assert errors["fused-bf16"] < 0.05 and errors["fused-bf16"] < 1.5 * errors["peft-bf16"] + 1e-3, errors
+
+
+def test_linear_cross_entropy_in_bf16_is_close_to_float32():
+    """The fused head + loss with a bf16 head: loss and gradient within bf16 rounding of the float32 result, the loss
+    accumulated in float32, odd-sized chunks padded without changing the result."""
+    from medgpt.lean_ops import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(203, 64)
+    weight = torch.randn(500, 64) * 0.2
+    targets = torch.randint(0, 500, (203,))
+    targets[::7] = -100
+    h32 = hidden.clone().requires_grad_()
+    loss32 = linear_cross_entropy(h32, weight, targets, chunk=64)
+    loss32.backward()
+    h16 = hidden.bfloat16().requires_grad_()
+    loss16 = linear_cross_entropy(h16, weight.bfloat16(), targets, chunk=64)
+    loss16.backward()
+    assert loss16.dtype is torch.float32
+    assert float(loss16) == pytest.approx(float(loss32), rel=5e-3)
+    assert h16.grad.dtype is torch.bfloat16 and h16.grad.shape == h32.grad.shape
+    torch.testing.assert_close(h16.grad.float(), h32.grad, atol=2e-2, rtol=5e-2)
+
+
+def test_pad_packed_row_keeps_samples_and_loss(smol_tokenizer):
+    """The filler that rounds a packed row's length changes neither the real samples' logits nor the loss."""
+    from medgpt.data.collator import TokenStats, enable_packing, pad_packed_row
+    from medgpt.losses import supervised_lm_loss
+
+    model = _tiny_llama(smol_tokenizer, torch.float32)
+    enable_packing(model)
+    lengths = [5, 9, 7]
+    ids = torch.randint(0, 1000, (1, sum(lengths)))
+    labels = ids.clone()
+    cu = torch.tensor([0, 5, 14, 21], dtype=torch.int32)
+    for start in cu[:-1]:
+        labels[0, start] = -100
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    row = {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(),
+           "max_length_q": 9, "max_length_k": 9}
+    padded = pad_packed_row(row, 16)
+    assert padded["input_ids"].shape[1] == 32 and padded["filler_tokens"] == 11
+    assert padded["cu_seq_lens_q"].tolist() == [0, 5, 14, 21, 32] and padded["position_ids"][0, 21:].tolist() == list(range(11))
+    assert pad_packed_row(padded, 16) is padded
+    with torch.no_grad():
+        keys = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+        a = model(**{k: row[k] for k in keys}, use_cache=False).logits
+        b = model(**{k: padded[k] for k in keys}, use_cache=False).logits
+        torch.testing.assert_close(b[:, :21], a, atol=1e-5, rtol=1e-5)
+        loss_a, _ = supervised_lm_loss(model, {k: row[k] for k in keys + ("labels",)})
+        loss_b, _ = supervised_lm_loss(model, {k: padded[k] for k in keys + ("labels",)})
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-6)
+    stats = TokenStats()
+    stats.update(padded)
+    assert (stats.processed, stats.real, stats.supervised) == (32, 21, 18)
+
+
+@pytest.mark.skipif(not precision.cpu_bf16().fast, reason="this CPU has no fast bf16: " + precision.cpu_bf16().reason)
+def test_bf16_training_follows_the_float32_loss_curve(learnable_model_dir, tmp_path):
+    """On this CPU (native bf16), SFT in bf16 (bf16 weights + autocast) follows the float32 run step by step: every
+    step's loss within 3% (bf16 rounds activations to 8 significant bits), and the loss drops as much."""
+    import subprocess
+    import sys
+
+    curves = {}
+    for name, extra in (("fp32", []), ("bf16", ["--torch_dtype", "bfloat16", "--bf16"])):
+        out = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "supervised_finetuning.py", "--model_name_or_path", learnable_model_dir,
+             "--train_file_dir", "data/finetune/medical_sft_messages.jsonl", "--output_dir", str(out), "--do_train",
+             "--max_steps", "8", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_dropout",
+             "0", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--seed", "7", *extra],
+            capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        curves[name] = [float(line.split("'loss': '")[1].split("'")[0])
+                        for line in (proc.stdout + proc.stderr).splitlines() if "'loss': '" in line]
+        if name == "bf16":
+            assert "-> bfloat16" in proc.stderr
+    fp32, bf16 = curves["fp32"], curves["bf16"]
+    assert len(fp32) == len(bf16) == 8
+    for a, b in zip(fp32, bf16):
+        assert b == pytest.approx(a, rel=0.03)
+    assert fp32[-1] < fp32[0] - 0.5 and bf16[-1] < bf16[0] - 0.5
+
+
+def test_no_fast_bf16_means_the_float32_run(learnable_model_dir, tmp_path):
+    """Told the CPU lacks fast bf16 (MEDGPT_CPU_BF16=0), --torch_dtype bfloat16 --bf16 trains exactly the float32 run
+    and the log says why."""
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for name, extra in (("fp32", []), ("asked-bf16", ["--torch_dtype", "bfloat16", "--bf16"])):
+        out = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "supervised_finetuning.py", "--model_name_or_path", learnable_model_dir,
+             "--train_file_dir", "data/finetune/medical_sft_messages.jsonl", "--output_dir", str(out), "--do_train",
+             "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
+             "--report_to", "none", "--save_strategy", "no", "--seed", "7", *extra],
+            capture_output=True, text=True, timeout=600, env=dict(os.environ, MEDGPT_CPU_BF16="0"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((out / "train_results.json").read_text())["train_loss"]
+        if extra:
+            assert "--bf16 on this CPU -> float32: MEDGPT_CPU_BF16=0" in proc.stderr
+            assert "--torch_dtype bfloat16 on this CPU -> float32" in proc.stderr
+    assert results["asked-bf16"] == results["fp32"]
