@@ -9,7 +9,7 @@
 #   Multi-node (2x8):  NNODES=2 NODE_RANK=0 MASTER_ADDR=<node 0 address> MASTER_PORT=29500 NPROC=8 bash run_dpo.sh ...
 #                      on node 0, the same with NODE_RANK=1 on node 1 (scripts/launch.sh lists the variables)
 # Extra flags are appended and override the defaults below. The output adapter is used with
-# inference.py --lora_model outputs-dpo-v1. On a machine without CUDA, training runs in float32.
+# inference.py --lora_model outputs-dpo-v1. Without CUDA: float32, or bf16 with --torch_dtype bfloat16 --bf16 on a CPU with native bf16.
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh

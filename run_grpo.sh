@@ -7,8 +7,8 @@
 #                      zero3_offload.json: ZeRO-3 with optimizer and weights offloaded to CPU RAM)
 #   Multi-node (2x8):  NNODES=2 NODE_RANK=0 MASTER_ADDR=<node 0 address> MASTER_PORT=29500 NPROC=8 bash run_grpo.sh ...
 #                      on node 0, the same with NODE_RANK=1 on node 1 (scripts/launch.sh lists the variables)
-# Extra flags are appended and override the defaults below. On a machine without CUDA, --bf16/--fp16 are dropped
-# and training runs in float32; generation uses transformers (no vLLM needed). About 4-5 minutes on a 2-core CPU;
+# Extra flags are appended and override the defaults below. Without CUDA, --bf16 trains in bf16 where the CPU
+# has native bf16, else float32; generation uses transformers (no vLLM needed). About 4-5 minutes on a 2-core CPU;
 # on a CPU busy with other jobs, OMP_NUM_THREADS=1 bash run_grpo.sh is much faster.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -7,8 +7,8 @@
 #                      zero3_offload.json: ZeRO-3 with optimizer and weights offloaded to CPU RAM)
 #   Multi-node (2x8):  NNODES=2 NODE_RANK=0 MASTER_ADDR=<node 0 address> MASTER_PORT=29500 NPROC=8 bash run_pt.sh ...
 #                      on node 0, the same with NODE_RANK=1 on node 1 (scripts/launch.sh lists the variables)
-# Extra flags are appended and override the defaults below. On a machine without CUDA, --bf16/--fp16
-# are dropped and training runs in float32. 10% of the documents are held out for the eval loss and
+# Extra flags are appended and override the defaults below. Without CUDA, --torch_dtype bfloat16 --bf16 train in
+# bf16 where the CPU has native bf16 (AVX512-BF16/AMX), else float32 (the log says which and why). 10% of the documents are held out for the eval loss and
 # perplexity (MedicalGPT evaluates on --validation_file_dir ./data/pretrain, i.e. on the training text;
 # pass that flag to do the same).
 set -euo pipefail

@@ -265,9 +265,10 @@ def _half_precision_on_cpu(argv: list[str]) -> list[str]:
 
     if half_precision_on_cpu(" ".join(asked)) is None:
         return out  # float32
-    out += sorted({"--bf16_full_eval" if name.endswith("full_eval") else "--bf16" for name in asked})
+    for name in sorted({"--bf16_full_eval" if name.endswith("full_eval") else "--bf16" for name in asked}):
+        out += [name, "True"]  # (TRL's configs declare bf16 Optional[bool]: a bare flag needs a value there)
     if not any(a.partition("=")[0] == "--use_cpu" for a in out):
-        out.append("--use_cpu")
+        out += ["--use_cpu", "True"]
     return out
 
 

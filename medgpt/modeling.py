@@ -237,8 +237,9 @@ def apply_lora(model, lora_args, training_args=None, task_type: str = "CAUSAL_LM
 
 def trainable_to_float32_on_cpu(model) -> None:
     """TRL's trainers (DPO, ORPO, Reward, ...) turn the trainable weights of a 4/8-bit model into bfloat16, the QLoRA
-    paper's choice for GPUs. On a machine without CUDA training runs in float32 without autocast: a bf16 head fed
-    float32 activations fails (a reward model's `score`), and bf16 matmuls are ~300x slower. Put them back to float32."""
+    paper's choice for GPUs. On a machine without CUDA, a bf16 head fed float32 activations fails without autocast (a
+    reward model's `score`), and on a CPU without native bf16 its matmuls are ~300x slower. Put them back to float32
+    (under --bf16 autocast still runs their matmuls in bf16; the weights and their updates stay float32)."""
     if has_cuda() or not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
         return
     for param in model.parameters():

@@ -67,9 +67,9 @@ def test_fast_bf16_keeps_bf16_flags_and_adds_use_cpu(fresh_check, monkeypatch):
     monkeypatch.setenv(precision.ENV, "1")
     monkeypatch.setattr("medgpt.args._cuda_available", lambda: False)
     monkeypatch.setattr("medgpt.modeling.has_cuda", lambda: False)
-    assert _half_precision_on_cpu(["--fp16", "--x", "1"]) == ["--x", "1", "--bf16", "--use_cpu"]
+    assert _half_precision_on_cpu(["--fp16", "--x", "1"]) == ["--x", "1", "--bf16", "True", "--use_cpu", "True"]
     assert _half_precision_on_cpu(["--bf16", "False"]) == []  # asked for float32: nothing to do
-    assert _half_precision_on_cpu(["--bf16_full_eval", "--use_cpu", "True"]) == ["--use_cpu", "True", "--bf16_full_eval"]
+    assert _half_precision_on_cpu(["--bf16_full_eval", "--use_cpu", "True"]) == ["--use_cpu", "True", "--bf16_full_eval", "True"]
     assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype("float16") is torch.bfloat16
     assert resolve_dtype(None) is torch.float32  # bf16 on a CPU is asked for, never a default
 
