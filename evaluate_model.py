@@ -30,8 +30,8 @@ def parse_args(argv=None):
     p.set_defaults(temperature=0, max_new_tokens=256)  # held-out answers: greedy unless asked
     g = p.add_argument_group("multiple choice")
     g.add_argument("--eval_file", "--eval_files", "--eval_dir", dest="eval_file", nargs="+", default=[],
-                   help="Question files or folders (.json, .jsonl, .csv); files named *_dev.* or in a dev/ folder are "
-                        "used as few-shot examples, not scored, when other files are given")
+                   help="Question files or folders (.json, .jsonl, .csv); questions of files named *_dev.* or in a "
+                        "dev/ folder are few-shot examples, not scored, for the subjects other files have")
     g.add_argument("--few_shot_file", nargs="+", default=[],
                    help="Files or folders of few-shot examples (default: dev files among --eval_file, else the first "
                         "other questions of the same subject)")

@@ -1,6 +1,7 @@
 """The whole recipe in one command: PT -> SFT -> RM -> PPO, and SFT -> DPO, SFT -> ORPO, on the sample
-data, each stage reading the previous stage's output; then a report (curves, metrics, answers side by
-side) and a chat answer from the final model.
+data, each stage reading the previous stage's output; then a report (curves, metrics, the base and every
+trained model scored on the same medical multiple-choice questions and held-out conversations, answers side
+by side) and a chat answer from the final model.
 
     python run_pipeline.py                      # embedded SmolLM2-135M-Instruct, data/, outputs-pipeline/
     python run_pipeline.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --template_name qwen
@@ -39,6 +40,14 @@ def parse_args(argv=None):
     p.add_argument("--stages", default="pt,sft,rm,ppo,dpo,orpo", help="Comma-separated subset of pt,sft,rm,ppo,dpo,orpo")
     p.add_argument("--force", action="store_true", help="Rerun stages whose output already exists")
     p.add_argument("--max_new_tokens", type=int, default=96, help="Answer length in the report")
+    p.add_argument("--eval_mcq", nargs="+", default=["data/eval/medical_mcq_en.jsonl", "data/eval/medical_mcq_zh.jsonl"],
+                   help="Multiple-choice files the report scores every model on (evaluate_model.py's layouts)")
+    p.add_argument("--eval_conversations", nargs="+", default=["data/eval/medical_conversations_heldout.jsonl"],
+                   help="Held-out SFT conversations every model answers in the report (ROUGE-L, BLEU, reward)")
+    p.add_argument("--eval_max_samples", type=int, default=20,
+                   help="Questions per --eval_mcq file and held-out conversations scored (keeps the CPU run short)")
+    p.add_argument("--eval_max_new_tokens", type=int, default=64, help="Answer length for the held-out conversations")
+    p.add_argument("--skip_eval", action="store_true", help="No evaluation section in the report")
     p.add_argument("--question", default="What should I do if I have a fever and a headache?",
                    help="The question the final model answers at the end")
     p.add_argument("--expand_vocab", action="store_true",
@@ -47,9 +56,26 @@ def parse_args(argv=None):
                         "(tools/build_domain_tokenizer.py, tools/merge_tokenizers.py); PT trains with it and "
                         "--modules_to_save embed_tokens,lm_head, later stages use the PT output's tokenizer")
     p.add_argument("--vocab_size", type=int, default=3000, help="--expand_vocab: pieces of the domain SentencePiece model")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="Training precision of every stage: auto = bf16 (bf16 weights + autocast, float32 LoRA weights) "
+                        "on a GPU or a CPU with native bf16 (AVX512-BF16/AMX, checked by medgpt/precision.py), "
+                        "float32 elsewhere")
     p.add_argument("--stage_args", action="append", default=[], metavar="STAGE=FLAGS",
                    help="Extra flags for one stage, e.g. --stage_args 'sft=--num_train_epochs 2' (repeatable)")
     return p.parse_args(argv)
+
+
+def precision_flags(precision: str) -> list[str]:
+    """The stages' precision flags for --precision (auto: bf16 where the GPU or the CPU runs it fast)."""
+    if precision == "auto":
+        import torch
+
+        from medgpt.precision import cpu_bf16
+
+        check = None if torch.cuda.is_available() else cpu_bf16()
+        precision = "bf16" if check is None or check.fast else "fp32"
+        print(f"[pipeline] precision: {precision}" + (f" ({check.reason})" if check else " (GPU)"), flush=True)
+    return ["--torch_dtype", "bfloat16", "--bf16"] if precision == "bf16" else []
 
 
 class Pipeline:
@@ -64,6 +90,7 @@ class Pipeline:
             stage, _, flags = item.partition("=")
             self.extra[stage.strip()] = flags.split()
         self.python = sys.executable
+        self.precision = precision_flags(args.precision)
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -93,7 +120,7 @@ class Pipeline:
         print(f"[pipeline] {name} finished in {self.timings[name]:.0f} s", flush=True)
 
     def stage(self, name: str, script: str, output: str, flags: list[str], done_file: str):
-        self.run(name, ["bash", script, *flags, "--output_dir", output, *self.extra.get(name.lower(), [])],
+        self.run(name, ["bash", script, *self.precision, *flags, "--output_dir", output, *self.extra.get(name.lower(), [])],
                  output, done_file)
 
     def merge(self, name: str, base: str | None, adapter: str, output: str, flags: list[str] = ()):
@@ -120,6 +147,47 @@ def expand_vocab(p: Pipeline, base: str | None) -> str:
                               "data/vocab/medical_terms.txt", os.path.join(vocab, "word_freq.txt")],
           merged, "medgpt_vocab.json")
     return merged
+
+
+def evaluate_stages(p: Pipeline, args, stages: list[str], base, sft: str) -> tuple[dict, list[str]]:
+    """The base model and every trained model (PT, SFT, DPO, ORPO, PPO) scored on the same multiple-choice questions
+    and held-out conversations (medgpt.evaluation); results also in <output_root>/report/evaluation.json."""
+    import torch
+
+    from medgpt.default_model import is_default
+    from medgpt.evaluation import EvalConfig, evaluate_models, load_conversations, load_mcq
+    from medgpt.generation import GenerationOptions
+
+    p.banner("Evaluation: the base model and each trained model on the same questions and conversations")
+    start = time.time()
+    items = load_mcq([os.path.join(ROOT, f) for f in args.eval_mcq], max_samples=args.eval_max_samples)
+    convs = load_conversations([os.path.join(ROOT, f) for f in args.eval_conversations], args.eval_max_samples)
+    models = {"Base": (base, None)}
+    if "pt" in stages:
+        models["PT"] = (p.path("pt-merged"), None)
+    models["SFT"] = (sft, None)
+    models.update({name.upper(): (sft, p.path(name)) for name in ("dpo", "orpo", "ppo") if name in stages})
+    scorer = None
+    if "rm" in stages or "ppo" in stages:
+        from medgpt.reward import RewardScorer
+        scorer = RewardScorer(p.path("rm"))
+    config = EvalConfig(batch_size=8, generation=GenerationOptions(max_new_tokens=args.eval_max_new_tokens,
+                                                                   temperature=0, repetition_penalty=1.1))
+    results = evaluate_models(models, args.template_name, items, convs, config, scorer,
+                              device="cpu" if not torch.cuda.is_available() else None)
+    del scorer
+    gc.collect()
+    p.timings["evaluation"] = time.time() - start
+    os.makedirs(p.path("report"), exist_ok=True)
+    with open(p.path(os.path.join("report", "evaluation.json")), "w", encoding="utf-8") as f:
+        json.dump(results, f, ensure_ascii=False, indent=2)
+    notes = [f"Evaluation took {p.timings['evaluation']:.0f} s; with a few dozen questions the intervals are wide: "
+             "differences inside them are noise. `python evaluate_model.py` scores a model on real benchmarks."]
+    if is_default(base):
+        notes.append("The embedded SmolLM2-135M-Instruct is an English model: its scores on the Chinese questions and "
+                     "conversations are not meaningful.")
+    print(f"[pipeline] evaluation finished in {p.timings['evaluation']:.0f} s", flush=True)
+    return results, notes
 
 
 def main(argv=None):
@@ -158,6 +226,8 @@ def main(argv=None):
     if "orpo" in stages:
         p.stage("ORPO", "run_orpo.sh", p.path("orpo"), on_sft, "adapter_config.json")
 
+    evaluation, eval_notes = (None, None) if args.skip_eval else evaluate_stages(p, args, stages, base, sft)
+
     # Answers of each model to the same questions, scored by the reward model
     p.banner("Report: answering the questions with each model")
     import torch
@@ -191,9 +261,11 @@ def main(argv=None):
                      if (d in stages or d == "sft") and os.path.isdir(p.path(d))]
     p.timings["total"] = time.time() - total_start
     report = write_report(os.path.join(p.root, "report", "report.md"), report_stages, QUESTIONS, answers,
-                          rewards=rewards, timings=p.timings)
+                          rewards=rewards, timings=p.timings, evaluation=evaluation, evaluation_notes=eval_notes)
     with open(os.path.join(p.root, "report", "summary.json"), "w", encoding="utf-8") as f:
-        json.dump({"timings_s": p.timings, "mean_reward": rewards, "answers": answers, "questions": QUESTIONS},
+        from medgpt.evaluation import summary
+        json.dump({"timings_s": p.timings, "mean_reward": rewards, "answers": answers, "questions": QUESTIONS,
+                   "evaluation": {k: summary(r) for k, r in (evaluation or {}).items()}},
                   f, ensure_ascii=False, indent=2)
     final_model = "PPO" if "PPO" in models else list(models)[-1]
     p.banner(f"Done in {p.timings['total'] / 60:.1f} min. Report: {report}")

@@ -96,10 +96,83 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or "*(empty)*"
 
 
+def plot_evaluation(evaluation: dict[str, dict], path: str) -> Optional[str]:
+    """Grouped bars, one per model: MCQ accuracy per subject (with its 95% CI), ROUGE-L and BLEU, mean reward."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluation import summary
+
+    models = list(evaluation)
+    rows = {m: summary(r) for m, r in evaluation.items()}
+    keys = list(dict.fromkeys(k for r in rows.values() for k in r))
+    panels = [("MCQ accuracy (%)", [k for k in keys if k.startswith("MCQ ")]),
+              ("held-out answers vs reference", [k for k in keys if k in ("ROUGE-L", "BLEU")]),
+              ("mean reward (reward model)", [k for k in keys if k == "mean reward"])]
+    panels = [(t, ks) for t, ks in panels if ks]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(1.6 + 0.35 * len(models) * len(ks) for _, ks in panels), 3.6),
+                             squeeze=False, gridspec_kw={"width_ratios": [max(len(ks), 1) for _, ks in panels]})
+    width = 0.8 / len(models)
+    for ax, (title, ks) in zip(axes[0], panels):
+        for j, m in enumerate(models):
+            xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(ks))]
+            ys = [rows[m].get(k, 0.0) for k in ks]
+            err = None
+            if title.startswith("MCQ"):
+                mcq = evaluation[m].get("mcq", {})
+                cis = [(mcq.get("overall") if k == "MCQ overall" else mcq.get("subjects", {}).get(k[4:]) or {})
+                       .get("ci95", [y / 100, y / 100]) for k, y in zip(ks, ys)]
+                err = [[y - 100 * lo for y, (lo, _) in zip(ys, cis)], [100 * hi - y for y, (_, hi) in zip(ys, cis)]]
+            ax.bar(xs, ys, width, label=m, yerr=err, capsize=2 if err else 0)
+        ax.set_xticks(range(len(ks)))
+        ax.set_xticklabels([k[4:] if k.startswith("MCQ ") else k for k in ks], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.axhline(0, color="black", linewidth=0.6)
+        if title.startswith("MCQ"):
+            ax.set_ylim(0, 100)
+        elif not title.startswith("mean reward"):  # ROUGE-L and BLEU are 0-100 scores
+            ax.set_ylim(0, max([1.0] + [1.15 * rows[m].get(k, 0.0) for m in models for k in ks]))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def evaluation_section(evaluation: dict[str, dict], report_dir: str, notes: Optional[list[str]] = None) -> list[str]:
+    """The report's evaluation section: what was scored, a table (model x headline numbers) and the bar chart."""
+    from .evaluation import comparison_table
+
+    first = next(iter(evaluation.values()))
+    lines = ["## Evaluation: medical multiple choice and held-out conversations", ""]
+    if "mcq" in first:
+        n = first["mcq"]["overall"]["n"]
+        lines.append(f"Every model answers the same {n} multiple-choice questions, scored by the log-likelihood of each "
+                     f"option after the chat template ({first['config']['num_few_shot']}-shot; accuracy in %, 95% "
+                     "Wilson interval in brackets).")
+    if "generation" in first:
+        g = first["generation"]
+        lines.append(f"Each answers {g['n']} held-out conversations (greedy, up to {g['max_new_tokens']} new tokens), "
+                     "compared with the reference replies by ROUGE-L F1 and BLEU (Chinese characters as tokens)"
+                     + ("; the trained reward model scores the answers." if "reward_mean" in g else "."))
+    lines += notes or []
+    lines += [""] + comparison_table(evaluation) + [""]
+    png = plot_evaluation(evaluation, os.path.join(report_dir, "evaluation.png"))
+    if png:
+        lines += [f"![evaluation]({os.path.basename(png)})", ""]
+    return lines
+
+
 def write_report(path: str, stages: list[dict], questions: list[str], answers: dict[str, list[str]],
                  rewards: Optional[dict[str, float]] = None, timings: Optional[dict[str, float]] = None,
-                 title: str = "MedGPT pipeline report") -> str:
-    """stages: [{"name", "output_dir", "metrics": [keys to show] (optional)}]; answers: model -> answers."""
+                 title: str = "MedGPT pipeline report", evaluation: Optional[dict[str, dict]] = None,
+                 evaluation_notes: Optional[list[str]] = None) -> str:
+    """stages: [{"name", "output_dir", "metrics": [keys to show] (optional)}]; answers: model -> answers;
+    evaluation: model -> medgpt.evaluation results (its section: a table and a bar chart)."""
     report_dir = os.path.dirname(os.path.abspath(path))
     os.makedirs(report_dir, exist_ok=True)
     lines = [f"# {title}", ""]
@@ -122,6 +195,8 @@ def write_report(path: str, stages: list[dict], questions: list[str], answers: d
                   "| model | mean reward |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in rewards.items()]
         lines.append("")
+    if evaluation:
+        lines += evaluation_section(evaluation, report_dir, evaluation_notes)
     lines += ["## Training curves", ""]
     for st in stages:
         png = plot_stage(st["name"], read_log_history(st["output_dir"]),

@@ -21,7 +21,17 @@ def test_pipeline_runs_every_stage_and_writes_the_report(learnable_model_dir, tm
         assert f"![{name}]({name.lower()}.png)" in report, name
         assert (root / "report" / f"{name.lower()}.png").stat().st_size > 1000
     assert "| question | SFT | DPO | PPO | ORPO |" in report
+    # the evaluation section: every model on the same questions and conversations, a table row each and a bar chart
+    assert "## Evaluation: medical multiple choice and held-out conversations" in report
+    assert "| model | MCQ medical_mcq_en | MCQ medical_mcq_zh | MCQ overall | ROUGE-L | BLEU | mean reward |" in report
+    for name in ("Base", "PT", "SFT", "DPO", "ORPO", "PPO"):
+        assert f"\n| {name} | " in report, name
+    assert "![evaluation](evaluation.png)" in report and (root / "report" / "evaluation.png").stat().st_size > 1000
+    evaluation = json.loads((root / "report" / "evaluation.json").read_text(encoding="utf-8"))
+    assert list(evaluation) == ["Base", "PT", "SFT", "DPO", "ORPO", "PPO"]
+    assert all(r["mcq"]["overall"]["n"] == 40 and r["generation"]["n"] == 8 for r in evaluation.values())
     summary = json.loads((root / "report" / "summary.json").read_text(encoding="utf-8"))
+    assert set(summary["evaluation"]) == set(evaluation)
     assert set(summary["mean_reward"]) == {"SFT", "DPO", "PPO", "ORPO"}
     assert all(len(a) == 5 for a in summary["answers"].values())
     assert "Assistant (PPO model):" in proc.stdout
