@@ -136,8 +136,8 @@ def plot_evaluation(evaluation: dict[str, dict], path: str) -> Optional[str]:
         elif not title.startswith("mean reward"):  # ROUGE-L and BLEU are 0-100 scores
             ax.set_ylim(0, max([1.0] + [1.15 * rows[m].get(k, 0.0) for m in models for k in ks]))
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(models), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # the legend below the panels, clear of the bars
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
