@@ -1,7 +1,7 @@
 """DPO benchmark: plain DPO (TRL's DPOTrainer with its padded batches: `dpo_training.py --packing False`, what
 MedicalGPT's dpo_training.py runs) against our packed DPO (`dpo_training.py`, default `--packing True`: each pair
-once as prompt + chosen + rejected, no padding, LM head on reply positions only), in one run, on the same model,
-data, flags and seed.
+once as prompt + chosen + rejected, no padding, LM head on reply positions only), and, on a CPU with native bf16
+(medgpt/precision.py), our packed DPO in bf16, in one run, on the same model, data, flags and seed.
 
 Each training run is its own subprocess (its own peak RSS, from wait4). Both take the same optimizer steps on the
 same pairs; afterwards both adapters are scored here on the same held-out pairs with plain per-sequence forwards
@@ -21,10 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench_sft import finish, print_table, run_child, start, train_sides  # noqa: E402
+from bench_sft import BF16_FLAGS, finish, print_table, run_child, start, train_sides  # noqa: E402
 
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "reward", "dpo_zh_500.jsonl")
-RUNS = {"baseline": ["--packing", "False"], "ours": []}
+RUNS = {"baseline": ["--packing", "False"], "ours": [], "ours_bf16": BF16_FLAGS}
 
 
 def parse(argv=None):
@@ -42,6 +42,8 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: all cores)")
     p.add_argument("--repeat", type=int, default=1, help="train each side N times, alternating; speed from the fastest")
     p.add_argument("--only", choices=sorted(RUNS), default=None, help="run one side only (development)")
+    p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
+                   help="the bf16 side (ours in bf16): auto = where the CPU has native bf16 (or a GPU is used)")
     p.add_argument("--extra", default="", help="more flags for both runs")
     p.add_argument("--workdir", default=None, help="where data and outputs go (default: a temporary folder)")
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "bench_dpo.json"))
@@ -141,7 +143,7 @@ def main(argv=None):
     results["heldout"] = scores
     for name, run in results["runs"].items():
         run.update(heldout_reward_accuracy=scores[name]["reward_accuracy"], heldout_margin=scores[name]["mean_margin"])
-    if len(names) == 2:
+    if "baseline" in results["runs"] and "ours" in results["runs"]:
         base, ours = results["runs"]["baseline"], results["runs"]["ours"]
         speed = ours["steps_per_s"] / base["steps_per_s"]
         results["checks"] = {
@@ -152,6 +154,15 @@ def main(argv=None):
             "same steps": {"value": f"{ours['steps']} vs {base['steps']}", "target": "equal",
                            "ok": ours["steps"] == base["steps"]},
         }
+        if "ours_bf16" in results["runs"]:
+            bf16 = results["runs"]["ours_bf16"]
+            speed = bf16["steps_per_s"] / ours["steps_per_s"]
+            results["checks"].update({
+                "DPO steps/s, ours bf16 / ours fp32": {"value": round(speed, 3), "target": ">= 1.5", "ok": speed >= 1.5},
+                "held-out reward accuracy, ours bf16 vs ours fp32": {
+                    "value": f"{bf16['heldout_reward_accuracy']} vs {ours['heldout_reward_accuracy']}",
+                    "target": "equal", "ok": bf16["heldout_reward_accuracy"] == ours["heldout_reward_accuracy"]},
+            })
     print_table(results["runs"], DPO_ROWS, no_ratio=())
     return finish(results, args.output, workdir)
 

@@ -34,6 +34,20 @@ VARLEN_SDPA = "medgpt_varlen_sdpa"
 _FLASH = ("flash_attention_2", "flash_attention_3")
 
 
+def _sdpa(module, query, key, value, mask, **kwargs):
+    """transformers' sdpa attention for one sample, in float32 when bf16/fp16 tensors are on a CPU. Hand-written
+    because torch's CPU flash attention in bf16 compiles kernels for each new sequence length (measured: 34 ms for a
+    300-token sample's forward + backward when every length is new, as in packed rows, against 7 ms in float32,
+    where nothing is compiled); its matmuls are a small part of a step, so float32 costs little here."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.dtype not in (torch.bfloat16, torch.float16) or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)[0]
+    with torch.autocast("cpu", enabled=False):  # (autocast would cast sdpa's inputs back to bf16)
+        out = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)[0]
+    return out.to(query.dtype)
+
+
 def varlen_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None,
                           **kwargs):
     """sdpa attention that, given `cu_seq_lens_q` (a packed row from the flattening collator), attends
@@ -58,7 +72,7 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens
         if window and n > window:  # sliding-window layers need an explicit mask; else sdpa's causal fast path
             pos = torch.arange(n, device=q.device)
             mask = _visible(pos, pos, window)
-        outputs.append(sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0])
+        outputs.append(_sdpa(module, q, k, v, mask, **kwargs))
     return torch.cat(outputs, dim=1), None
 
 
@@ -76,8 +90,6 @@ def _shared_prefix_attention(module, query, key, value, pair_lens, window, **kwa
     to the prompt and causally to themselves, never to the chosen reply. So the prompt is encoded once per pair, and
     both replies see exactly what they see in a separate `prompt + reply` sequence (their position ids continue
     from the prompt)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     outputs = []
     lengths = [p + c + r for p, c, r in pair_lens]
     for (p, c, r), q, k, v in zip(pair_lens, query.split(lengths, dim=2), key.split(lengths, dim=2),
@@ -86,15 +98,13 @@ def _shared_prefix_attention(module, query, key, value, pair_lens, window, **kwa
         if window and p + c > window:
             pos = torch.arange(p + c, device=q.device)
             first_mask = _visible(pos, pos, window)
-        outputs.append(sdpa_attention_forward(module, q[:, :, :p + c], k[:, :, :p + c], v[:, :, :p + c],
-                                              first_mask, **kwargs)[0])
+        outputs.append(_sdpa(module, q[:, :, :p + c], k[:, :, :p + c], v[:, :, :p + c], first_mask, **kwargs))
         # rejected queries (positions p..p+r-1) over the prompt's keys and their own
         q_pos = torch.arange(p, p + r, device=q.device)
         k_pos = torch.cat([torch.arange(p, device=q.device), q_pos])
         keys = torch.cat([k[:, :, :p], k[:, :, p + c:]], dim=2)
         values = torch.cat([v[:, :, :p], v[:, :, p + c:]], dim=2)
-        outputs.append(sdpa_attention_forward(module, q[:, :, p + c:], keys, values, _visible(q_pos, k_pos, window),
-                                              **kwargs)[0])
+        outputs.append(_sdpa(module, q[:, :, p + c:], keys, values, _visible(q_pos, k_pos, window), **kwargs))
     return torch.cat(outputs, dim=1), None
 
 
