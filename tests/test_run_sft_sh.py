@@ -33,7 +33,9 @@ def test_medicalgpt_run_sft_flags_run_unchanged(tiny_model_dir, tmp_path):
                         nproc=2)
     assert "Training one model on 2 processes: MULTI_CPU" in proc.stderr
     assert (out / "adapter_model.safetensors").is_file()
-    assert "training in float32" in proc.stderr
+    from medgpt.precision import cpu_bf16  # --fp16: bf16 where this CPU has native bf16, else float32, with the reason
+    assert ("--fp16 on a CPU with native bf16 -> bfloat16" if cpu_bf16().fast else "--fp16 on this CPU -> float32") \
+        in proc.stderr
     assert any(p.name.startswith("events.out.tfevents") for p in out.rglob("*")), "no tensorboard log"
 
 
