@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import run_script
 from medgpt import precision
 
 
@@ -183,23 +184,22 @@ def test_pad_packed_row_keeps_samples_and_loss(smol_tokenizer):
     assert (stats.processed, stats.real, stats.supervised) == (32, 21, 18)
 
 
+def _sft(model_dir, out, *flags, env=None):
+    """supervised_finetuning.py on the sample conversations (batch 4, lr 5e-3, seed 7) through conftest's run_script."""
+    return run_script("supervised_finetuning.py", "--model_name_or_path", model_dir, "--train_file_dir",
+                      "data/finetune/medical_sft_messages.jsonl", "--output_dir", str(out), "--do_train",
+                      "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--report_to", "none",
+                      "--save_strategy", "no", "--seed", "7", *flags, env=env)
+
+
 @pytest.mark.skipif(not precision.cpu_bf16().fast, reason="this CPU has no fast bf16: " + precision.cpu_bf16().reason)
 def test_bf16_training_follows_the_float32_loss_curve(learnable_model_dir, tmp_path):
     """On this CPU (native bf16), SFT in bf16 (bf16 weights + autocast) follows the float32 run step by step: every
     step's loss within 3% (bf16 rounds activations to 8 significant bits), and the loss drops as much."""
-    import subprocess
-    import sys
-
     curves = {}
     for name, extra in (("fp32", []), ("bf16", ["--torch_dtype", "bfloat16", "--bf16"])):
         out = tmp_path / name
-        proc = subprocess.run(
-            [sys.executable, "supervised_finetuning.py", "--model_name_or_path", learnable_model_dir,
-             "--train_file_dir", "data/finetune/medical_sft_messages.jsonl", "--output_dir", str(out), "--do_train",
-             "--max_steps", "8", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_dropout",
-             "0", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--seed", "7", *extra],
-            capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = _sft(learnable_model_dir, out, "--max_steps", "8", "--lora_dropout", "0", "--logging_steps", "1", *extra)
         curves[name] = [float(line.split("'loss': '")[1].split("'")[0])
                         for line in (proc.stdout + proc.stderr).splitlines() if "'loss': '" in line]
         if name == "bf16":
@@ -214,20 +214,10 @@ def test_bf16_training_follows_the_float32_loss_curve(learnable_model_dir, tmp_p
 def test_no_fast_bf16_means_the_float32_run(learnable_model_dir, tmp_path):
     """Told the CPU lacks fast bf16 (MEDGPT_CPU_BF16=0), --torch_dtype bfloat16 --bf16 trains exactly the float32 run
     and the log says why."""
-    import os
-    import subprocess
-    import sys
-
     results = {}
     for name, extra in (("fp32", []), ("asked-bf16", ["--torch_dtype", "bfloat16", "--bf16"])):
         out = tmp_path / name
-        proc = subprocess.run(
-            [sys.executable, "supervised_finetuning.py", "--model_name_or_path", learnable_model_dir,
-             "--train_file_dir", "data/finetune/medical_sft_messages.jsonl", "--output_dir", str(out), "--do_train",
-             "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
-             "--report_to", "none", "--save_strategy", "no", "--seed", "7", *extra],
-            capture_output=True, text=True, timeout=600, env=dict(os.environ, MEDGPT_CPU_BF16="0"))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = _sft(learnable_model_dir, out, "--max_steps", "2", *extra, env={"MEDGPT_CPU_BF16": "0"})
         results[name] = json.loads((out / "train_results.json").read_text())["train_loss"]
         if extra:
             assert "--bf16 on this CPU -> float32: MEDGPT_CPU_BF16=0" in proc.stderr
