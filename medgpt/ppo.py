@@ -494,20 +494,34 @@ class PPOTrainer:
             config = deepspeed_config(training_args, self.micro_batch_size, self.procs.world, hidden)
             self.procs.start_alone()
             self.engine, *_ = deepspeed.initialize(model=self.actor, optimizer=self.optimizer, config=config)
+        # --bf16 over float32 weights (a GPU, or a CPU with native bf16: medgpt.precision): the forward passes,
+        # generation included, run under bf16 autocast as the HF Trainer's do; the weights, the optimizer and the PPO
+        # losses stay float32. (--fp16 would need a loss scaler: PPO trains float16 weights only as loaded.)
+        self.autocast_dtype = torch.bfloat16 if training_args.bf16 and \
+            next(policy.parameters()).dtype == torch.float32 else None
+        if self.autocast_dtype is not None:
+            logger.info("PPO: forward passes and generation under bf16 autocast (float32 weights and optimizer)")
         self.kl_coef = args.kl_coef
         self.log_history: list[dict] = []
         self.global_step = 0
         self.episode = 0
 
     # ---------------------------------------------------------------- forward passes
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def _forward(self, model, input_ids, attention_mask, response_len: int):
         """Temperature-scaled logits of the response positions ([B, R, V]) and their values: `model` is the policy
         with its value head (self.actor, or the DeepSpeed engine around it)."""
-        logits, values = model(input_ids, attention_mask, response_len + 1)
-        return logits[:, :-1].float() / (self.args.temperature + 1e-7), values
+        with self._autocast():
+            logits, values = model(input_ids, attention_mask, response_len + 1)
+        return logits[:, :-1].float() / (self.args.temperature + 1e-7), values.float()
 
     def _reference_logits(self, model, input_ids, attention_mask, response_len: int):
-        logits = lm_forward(model, input_ids, attention_mask, response_len + 1).logits
+        with self._autocast():
+            logits = lm_forward(model, input_ids, attention_mask, response_len + 1).logits
         return logits[:, :-1].float() / (self.args.temperature + 1e-7)
 
     @staticmethod
@@ -535,10 +549,11 @@ class PPOTrainer:
         self.policy.eval()
         sampler = GumbelMaxSampler([sample_seed(self.targs.seed, "sample", self.global_step, first_index + i)
                                     for i in range(len(batch))], self.args.temperature, self.device)
-        sequences = self.policy.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.args.response_length,
-            do_sample=False, num_beams=1, temperature=None, top_k=None, top_p=None,
-            logits_processor=LogitsProcessorList([sampler]), eos_token_id=self.stop_ids, pad_token_id=pad_id)
+        with self._autocast():
+            sequences = self.policy.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.args.response_length,
+                do_sample=False, num_beams=1, temperature=None, top_k=None, top_p=None,
+                logits_processor=LogitsProcessorList([sampler]), eos_token_id=self.stop_ids, pad_token_id=pad_id)
         responses = sequences[:, prompt_len:]
         # a response ends at its first stop token (kept: the model learns to stop); later tokens are padding
         is_stop = torch.isin(responses, torch.tensor(self.stop_ids, device=responses.device))

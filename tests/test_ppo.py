@@ -172,7 +172,7 @@ def test_reference_adapter_stays_frozen_while_policy_trains(tmp_path, tiny_model
 # ---------------------------------------------------------------------------------------------------
 # Learning
 
-def make_trainer(model_dir, tokenizer, reward_fn, tmp_path, use_peft=True, steps=8, lr=3e-3, **ppo_kwargs):
+def make_trainer(model_dir, tokenizer, reward_fn, tmp_path, use_peft=True, steps=8, lr=3e-3, bf16=False, **ppo_kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
     from medgpt.args import LoraArguments
@@ -190,7 +190,8 @@ def make_trainer(model_dir, tokenizer, reward_fn, tmp_path, use_peft=True, steps
         policy = model
         ref = Reference(policy, "model")
     targs = TrainingArguments(output_dir=str(tmp_path / "ppo"), learning_rate=lr, per_device_train_batch_size=8,
-                              report_to=[], save_strategy="no", logging_steps=1, seed=0)
+                              report_to=[], save_strategy="no", logging_steps=1, seed=0, bf16=bf16,
+                              use_cpu=bf16)
     kwargs = dict(batch_size=8, mini_batch_size=4, num_ppo_epochs=2, response_length=10,
                   total_episodes=8 * steps, kl_coef=0.01, temperature=1.0)
     kwargs.update(ppo_kwargs)
@@ -219,6 +220,23 @@ def test_ppo_raises_a_rule_reward(tmp_path, yes_no_model_dir, smol_tokenizer):
     assert state["global_step"] == 8 and len(state["log_history"]) == 8
     assert (out / "adapter_model.safetensors").is_file() and (out / "value_head.safetensors").is_file()
     assert not (out / "ref").exists()
+
+
+@pytest.mark.skipif(not __import__("medgpt.precision").precision.cpu_bf16().fast,
+                    reason="this CPU has no fast bf16")
+def test_bf16_ppo_runs_its_forward_passes_in_bf16_and_still_learns(tmp_path, yes_no_model_dir, smol_tokenizer):
+    """--bf16 over float32 weights: generation and the policy/value/reference forwards run under bf16 autocast
+    (a projection's output is bf16), the weights and their optimizer stay float32, and PPO still raises the reward."""
+    trainer, prompts = make_trainer(yes_no_model_dir, smol_tokenizer, lambda msgs, texts: yes_fraction(texts), tmp_path,
+                                    bf16=True)
+    seen = set()
+    proj = next(m for n, m in trainer.policy.named_modules() if n.endswith("q_proj.base_layer"))
+    proj.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    trainer.train(prompts)
+    assert seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+    rewards = [r["reward"] for r in trainer.log_history]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.2, rewards
 
 
 def test_full_parameter_ppo_lowers_a_penalised_token(tmp_path, yes_no_model_dir, smol_tokenizer):
