@@ -331,7 +331,8 @@ def parse_args(*dataclass_types, argv: list[str] | None = None):
     """Parse the command line (and an optional --config YAML/JSON, or a single .yaml/.json argument)
     into the given dataclasses plus CompatArguments, which is always returned last (its `given_flags`: the flags
     the command line or the config file set)."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from .logs import setup_logging
+    setup_logging(keep_early=True)  # stderr now; prepare_run opens the run's log file and writes these lines first
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = ["--config", argv[0]]

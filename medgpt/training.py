@@ -9,21 +9,22 @@ import os
 import sys
 
 from .distributed import check_enough_samples
+from .logs import MetricsToLog, apply_levels, setup_run_logging
 
 logger = logging.getLogger(__name__)
 
 
 def prepare_run(training_args, compat=None):
     """Settle run-wide options before the model is built. Returns the checkpoint to resume from, or None."""
-    import transformers
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    log_level = training_args.get_process_log_level()
-    transformers.utils.logging.set_verbosity(log_level)
-    # our own progress messages show at INFO unless --log_level asks otherwise (on the main process)
-    passive = training_args.log_level == "passive" and training_args.process_index == 0
-    logging.getLogger("medgpt").setLevel(logging.INFO if passive else log_level)
+    # one stream (loguru) for our and the libraries' loggers; <output_dir>/logs/train.log (other ranks: their warnings
+    # in train-rank<N>.log). Terminal levels as before: our progress at INFO unless --log_level says otherwise on the
+    # main process, the libraries at --log_level (WARNING), the other processes at --log_level_replica
+    path = setup_run_logging(training_args)
+    if path and training_args.process_index == 0:
+        logger.info("Log file: %s", path)
     set_seed(training_args.seed)
     if not training_args.should_log:  # the other ranks of a multi-process run: warnings only, no progress bars
         import datasets
@@ -81,6 +82,9 @@ def train_and_save(trainer, training_args, resume_from_checkpoint=None, tokenize
     """Train (if --do_train), save, evaluate (if --do_eval). Ctrl-C during training saves what was
     learned so far to output_dir before exiting, so no work is lost; --resume_from_checkpoint continues.
     `run_info` (e.g. the template name) is written beside the weights for inference to pick up."""
+    if not any(isinstance(cb, MetricsToLog) for cb in trainer.callback_handler.callbacks):
+        trainer.add_callback(MetricsToLog())  # the loss curve (and eval metrics) in the log file
+    apply_levels()  # building the Trainer reset transformers' verbosity to --log_level; the log file wants INFO
     if training_args.do_train:
         if trainer.train_dataset is not None and hasattr(trainer.train_dataset, "__len__"):
             check_enough_samples(len(trainer.train_dataset))
