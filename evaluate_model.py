@@ -68,7 +68,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from medgpt.logs import setup_logging
+    # one format on stderr; the run's log (warnings, progress, a crash's traceback) in <output_dir>/logs/evaluate.log
+    setup_logging(args.output_dir, name="evaluate")
     from transformers import set_seed
 
     from medgpt.evaluation import EvalConfig, evaluate, load_conversations, load_mcq, split_few_shot, write_results

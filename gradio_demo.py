@@ -121,7 +121,8 @@ def build_demo(chat, defaults, system_prompt: str, title: str = "MedicalGPT", ma
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from medgpt.logs import setup_logging
+    setup_logging()  # one format on stderr (medgpt/logs.py)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from medgpt.serving import default_options, load_chat_model, load_rag, warn_if_exposed
 

@@ -106,7 +106,8 @@ def interactive(chat, options, with_prompt: bool):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from medgpt.logs import setup_logging
+    setup_logging()  # one format on stderr (medgpt/logs.py)
     from transformers import set_seed
 
     from medgpt.serving import default_options, load_chat_model

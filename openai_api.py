@@ -286,8 +286,10 @@ def create_app(chat, worker, defaults, model_id: str, api_key: Optional[str] = N
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=getattr(logging, args.log_level.upper()))
+    from medgpt.logs import setup_logging
+    level = getattr(logging, args.log_level.upper())  # ours and uvicorn's (its access log too) in our one format
+    setup_logging(level=level, lib_level=level if level <= logging.DEBUG else max(level, logging.WARNING),
+                  own=("uvicorn",))
     import uvicorn
 
     from medgpt.serving import GenerationWorker, default_options, load_chat_model, load_rag, warn_if_exposed
@@ -300,7 +302,8 @@ def main(argv=None):
     logger.info("Model %s ready (template %s, context %d tokens); serving on http://%s:%d/v1",
                 args.model_id or chat.model_name, chat.template.name, chat.context_length, args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+                    timeout_graceful_shutdown=5)
     finally:
         worker.stop()
 

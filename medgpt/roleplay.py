@@ -711,7 +711,8 @@ def parse_args(argv=None, seed_dir: str = ".") -> argparse.Namespace:
 
 def main(argv=None, seed_dir: str = ".") -> int:
     args = parse_args(argv, seed_dir)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from .logs import setup_logging
+    setup_logging()  # one format on stderr (medgpt/logs.py)
     for name in ("httpx", "httpx2", "openai"):  # a line per request or retry would bury the progress bar; the
         logging.getLogger(name).setLevel(logging.WARNING)  # retries are counted in the summary
     summary = generate(args)

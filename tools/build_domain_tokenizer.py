@@ -11,7 +11,6 @@ Writes <domain_sp_model_name>.model/.vocab; with --word_freq_file also the corpu
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -40,7 +39,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from medgpt.logs import setup_logging
+    setup_logging()  # one format on stderr (medgpt/logs.py)
     from medgpt.vocab import corpus_texts, jieba_word_freqs, sp_pieces, train_domain_sp, write_word_list
 
     model_file = train_domain_sp(args.in_file, args.domain_sp_model_name, args.vocab_size, args.model_type,

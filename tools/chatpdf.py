@@ -99,7 +99,8 @@ def answer(chat, qa, question: str, options, args) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from medgpt.logs import setup_logging
+    setup_logging()  # one format on stderr (medgpt/logs.py)
     from medgpt.rag import DocumentIndex, DocumentQA
 
     index = DocumentIndex.build(args.sources, args.index_dir, args.chunk_size, args.chunk_overlap,

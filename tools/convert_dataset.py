@@ -54,9 +54,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import logging
-
     from medgpt.cli import run_main
+    from medgpt.logs import setup_logging
 
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()  # one format on stderr (medgpt/logs.py)
     sys.exit(run_main(main))

@@ -14,7 +14,6 @@ base sub-token ids, from which pretraining.py initialises its embedding rows.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -37,7 +36,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from medgpt.logs import setup_logging
+    setup_logging()  # one format on stderr (medgpt/logs.py)
     from medgpt.vocab import merge_tokenizers, read_word_list
 
     words = [w for path in args.add_words_file for w in read_word_list(path, args.max_add_words)]
