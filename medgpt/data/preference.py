@@ -20,7 +20,7 @@ import logging
 from typing import Optional
 
 from .io import DataError, encode_rows, load_train_eval_rows, require_str
-from .sft import to_messages
+from .sft import IGNORE_INDEX, to_messages
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +313,43 @@ class LengthColumnMixin:
         if self.args.train_sampling_strategy in LENGTH_STRATEGIES \
                 and self.args.length_column_name not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, self.args.length_column_name]
+
+
+class PretokenizedPairsMixin:
+    """For TRL's experimental ORPOTrainer and CPOTrainer (orpo_training.py, cpo_training.py; the class takes it before
+    the TRL trainer): the pairs go in with medgpt's tokenization (prompt_ids/chosen_ids/rejected_ids), and their NLL
+    term is exact under DDP.
+
+    TRL's tokenize_row prepends the tokenizer's BOS when the prompt does not start with it and appends its eos when
+    the reply does not end with it: chatml replies end with "<|im_end|>\\n", so each would get a second "<|im_end|>";
+    and it has no prompt-length limit. Here the rows become the trainer's columns as they are."""
+
+    def tokenize_row(self, feature, model=None) -> dict:
+        prompt = feature["prompt_ids"]
+        row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for name in ("chosen", "rejected"):
+            reply = feature[f"{name}_ids"]
+            row[f"{name}_input_ids"] = prompt + reply
+            row[f"{name}_attention_mask"] = [1] * (len(prompt) + len(reply))
+            row[f"{name}_labels"] = [IGNORE_INDEX] * len(prompt) + reply
+        return row
+
+    def nll_token_count(self, batch):
+        """The tokens TRL's NLL term (concatenated_forward's 5th output) averages over on this process."""
+        raise NotImplementedError
+
+    def concatenated_forward(self, model, batch):
+        """TRL's NLL term is a mean over this process's chosen tokens and DDP then averages the processes, which
+        equals one process's mean over the global batch only when every rank holds as many tokens. Rescale it to
+        (this rank's token sum) / (token count summed over ranks) x world size, so the update is the same as one
+        process with the global batch."""
+        out = super().concatenated_forward(model, batch)
+        world = self.accelerator.num_processes
+        if world == 1:
+            return out
+        count = self.nll_token_count(batch).to(out[4].device).float()
+        total = self.accelerator.reduce(count.clone(), reduction="sum").clamp(min=1)
+        return (*out[:4], out[4] * count * world / total, *out[5:])
 
 
 class WithoutKey:
