@@ -147,16 +147,18 @@ def comparison_table(results_by_model: dict[str, dict]) -> list[str]:
 
 def evaluate_models(models: dict[str, tuple[Optional[str], Optional[str]]], template_name: Optional[str],
                     items: Sequence[MCQ] = (), conversations: Sequence[dict] = (), config: Optional[EvalConfig] = None,
-                    reward_scorer=None, device: Optional[str] = None) -> dict[str, dict]:
+                    reward_scorer=None, device: Optional[str] = None,
+                    torch_dtype: Optional[str] = None) -> dict[str, dict]:
     """label -> results for each (base model, LoRA adapter or None), loaded one at a time with the same template and
-    scored on the same questions and conversations (the pipeline report's evaluation)."""
+    scored on the same questions and conversations (the pipeline report's evaluation). `torch_dtype`: the load dtype
+    (e.g. "bfloat16": on a CPU with native bf16 the scoring takes half the time, measured with the same accuracy)."""
     import gc
 
     from ..generation import ChatModel
 
     out = {}
     for label, (base, adapter) in models.items():
-        chat = ChatModel(base, adapter, template_name=template_name, device=device)
+        chat = ChatModel(base, adapter, template_name=template_name, device=device, torch_dtype=torch_dtype)
         out[label] = evaluate(chat, items, conversations, config, reward_scorer=reward_scorer,
                               model_info={"name": label, "base_model": base, "lora_model": adapter})
         logger.info("%s evaluated in %.0f s: %s", label, out[label]["seconds"],
