@@ -252,7 +252,4 @@ def test_dpo_packing_falls_back_to_padding_when_it_cannot_be_exact(tiny_model_di
     model.get_base_model().set_attn_implementation("eager")
     trainer = dpo_training.MedDPOTrainer(packing=True, model=model, args=args, train_dataset=train, processing_class=tok)
     assert not trainer.packed and "attention_mask" in next(iter(trainer.get_train_dataloader()))
-    model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path, "--loss_type", "ipo")
-    trainer = dpo_training.MedDPOTrainer(packing=True, model=model, args=args, train_dataset=train, processing_class=tok)
-    assert not trainer.packed
-    assert "DPO packing off" in caplog.text
+    assert "DPO packing off" in caplog.text  # (loss types and options: tests/test_dpo_variants.py)

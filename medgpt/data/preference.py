@@ -243,13 +243,14 @@ def build_preference_datasets(data_args, pref_args, tokenizer, template, trainin
 
 
 # ---------------------------------------------------------------------------------------------------
-# What reward_modeling.py, dpo_training.py and orpo_training.py share around their trainer (whose class takes
-# LengthColumnMixin first)
+# What reward_modeling.py, dpo_training.py, orpo_training.py and cpo_training.py share around their trainer (whose
+# class takes LengthColumnMixin first)
 
-def prepare_preference_stage(config_class, argv=None):
+def prepare_preference_stage(config_class, argv=None, check=None):
     """Parse the flags (model, data, LoRA, preference and the TRL `config_class`), prepare the run (logging, seed,
-    resume) and tokenize the pairs. Returns a namespace: model_args, data_args, lora_args, pref_args, training_args,
-    resume, template, tokenizer, train_dataset, eval_dataset."""
+    resume) and tokenize the pairs. `check(training_args)`, when given, runs right after parsing (a stage's own flag
+    checks, before any work). Returns a namespace: model_args, data_args, lora_args, pref_args, training_args, resume,
+    template, tokenizer, train_dataset, eval_dataset."""
     from types import SimpleNamespace
 
     from ..args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args
@@ -259,6 +260,8 @@ def prepare_preference_stage(config_class, argv=None):
 
     model_args, data_args, lora_args, pref_args, training_args, compat = parse_args(
         ModelArguments, DataArguments, LoraArguments, PreferenceArguments, config_class, argv=argv)
+    if check is not None:
+        check(training_args)
     resume = prepare_run(training_args, compat)
     choose_sampling(training_args, pref_args, compat.given_flags)
     template = get_conv_template(pref_args.template_name)
