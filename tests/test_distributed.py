@@ -28,6 +28,7 @@ STAGES = {
     "rm": ("reward_modeling.py", PREF),
     "dpo": ("dpo_training.py", PREF),
     "orpo": ("orpo_training.py", PREF),
+    "cpo": ("cpo_training.py", PREF),  # CPO's default: NLL term on (--cpo_alpha 1), exact over ranks
 }
 BATCH = 2  # per device with 2 processes; one process gets 2 * BATCH
 
