@@ -20,9 +20,8 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 from medgpt.cli import run_main
 from medgpt.data.preference import (LengthColumnMixin, PretokenizedPairsMixin, prepare_preference_stage,
-                                    train_preference_stage)
+                                    reference_free_trainer, train_preference_stage)
 from medgpt.data.sft import IGNORE_INDEX
-from medgpt.modeling import apply_lora, load_model
 
 logger = logging.getLogger("medgpt.cpo")
 
@@ -40,20 +39,11 @@ class PretokenizedCPOTrainer(LengthColumnMixin, PretokenizedPairsMixin, CPOTrain
 def build_trainer(argv=None):
     """(run, trainer): the flags parsed, the pairs tokenized, the model and trainer built; nothing trained yet."""
     run = prepare_preference_stage(CPOConfig, argv)
-    model = load_model(run.model_args)
-    if model.config.is_encoder_decoder:
-        raise SystemExit("error: cpo_training.py trains decoder-only (causal) language models")
     args = run.training_args
     logger.info("CPO: loss_type %s, beta %s, cpo_alpha %s%s%s (no reference model)", args.loss_type, args.beta,
                 args.cpo_alpha, f", simpo_gamma {args.simpo_gamma}" if args.loss_type == "simpo" else "",
                 f", alpha {args.alpha}" if args.alpha else "")
-    trainer = PretokenizedCPOTrainer(
-        model=apply_lora(model, run.lora_args, args),
-        args=args,
-        train_dataset=run.train_dataset,
-        eval_dataset=run.eval_dataset,
-        processing_class=run.tokenizer,
-    )
+    trainer = reference_free_trainer(PretokenizedCPOTrainer, run, "cpo_training.py")
     return run, trainer
 
 

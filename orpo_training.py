@@ -14,8 +14,7 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from medgpt.cli import run_main
 from medgpt.data.preference import (LengthColumnMixin, PretokenizedPairsMixin, prepare_preference_stage,
-                                    train_preference_stage)
-from medgpt.modeling import apply_lora, load_model
+                                    reference_free_trainer, train_preference_stage)
 
 logger = logging.getLogger("medgpt.orpo")
 
@@ -35,16 +34,7 @@ def build_trainer(argv=None):
     run = prepare_preference_stage(ORPOConfig, argv)
     if run.pref_args.orpo_beta is not None:
         run.training_args.beta = run.pref_args.orpo_beta
-    model = load_model(run.model_args)
-    if model.config.is_encoder_decoder:
-        raise SystemExit("error: orpo_training.py trains decoder-only (causal) language models")
-    trainer = PretokenizedORPOTrainer(
-        model=apply_lora(model, run.lora_args, run.training_args),
-        args=run.training_args,
-        train_dataset=run.train_dataset,
-        eval_dataset=run.eval_dataset,
-        processing_class=run.tokenizer,
-    )
+    trainer = reference_free_trainer(PretokenizedORPOTrainer, run, "orpo_training.py")
     return run, trainer
 
 

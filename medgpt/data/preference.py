@@ -272,6 +272,23 @@ def prepare_preference_stage(config_class, argv=None, check=None):
                            train_dataset=train_dataset, eval_dataset=eval_dataset)
 
 
+def reference_free_trainer(trainer_class, run, script: str):
+    """`trainer_class` (ORPO, CPO: no reference model) over `run` (prepare_preference_stage): the causal LM loaded,
+    LoRA applied when asked, the tokenized pairs as its datasets."""
+    from ..modeling import apply_lora, load_model
+
+    model = load_model(run.model_args)
+    if model.config.is_encoder_decoder:
+        raise SystemExit(f"error: {script} trains decoder-only (causal) language models")
+    return trainer_class(
+        model=apply_lora(model, run.lora_args, run.training_args),
+        args=run.training_args,
+        train_dataset=run.train_dataset,
+        eval_dataset=run.eval_dataset,
+        processing_class=run.tokenizer,
+    )
+
+
 def train_preference_stage(trainer, run, stage: str, **run_info) -> None:
     """Train, save (with medgpt_run.json: template, stage) and evaluate."""
     from ..modeling import trainable_to_float32_on_cpu
