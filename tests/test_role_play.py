@@ -312,7 +312,9 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path):
     out = tmp_path / "d.jsonl"
     args = [sys.executable, str(ROOT / SCRIPT), "--output_file", str(out), "--num_dialogues", "8", "--num_turns", "2",
             "--max_concurrency", "2", "--no_progress"]
-    with Stub(delay=0.05) as stub:
+    # each request takes 0.3 s, so the 6 dialogues left when Ctrl-C is sent need >= 1.8 s: the signal arrives while
+    # they run even on a loaded machine
+    with Stub(delay=0.3) as stub:
         proc = subprocess.Popen([*args, "--base_url", stub.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         deadline = time.monotonic() + 60
