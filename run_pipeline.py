@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--output_root", default="outputs-pipeline", help="Where every stage's output and the report go")
     p.add_argument("--stages", default="pt,sft,rm,ppo,dpo,orpo", help="Comma-separated subset of pt,sft,rm,ppo,dpo,orpo")
     p.add_argument("--force", action="store_true", help="Rerun stages whose output already exists")
-    p.add_argument("--max_new_tokens", type=int, default=96, help="Answer length in the report")
+    p.add_argument("--max_new_tokens", type=int, default=96,
+                   help="Answer length of the final chat answer (and of the report's answers with --skip_eval)")
     p.add_argument("--eval_mcq", nargs="+", default=["data/eval/medical_mcq_en.jsonl", "data/eval/medical_mcq_zh.jsonl"],
                    help="Multiple-choice files the report scores every model on (evaluate_model.py's layouts)")
     p.add_argument("--eval_conversations", nargs="+", default=["data/eval/medical_conversations_heldout.jsonl"],
@@ -193,6 +195,45 @@ def evaluate_stages(p: Pipeline, args, stages: list[str], base, sft: str) -> tup
     return results, notes
 
 
+def held_out_answers(evaluation: dict) -> tuple[list, list, dict, Optional[dict]]:
+    """(questions, reference replies, label -> answers, label -> mean reward or None) of the evaluation's held-out
+    conversations."""
+    samples = {label: r["generation"]["samples"] for label, r in evaluation.items()}
+    first = next(iter(samples.values()))
+    answers = {label: [s["prediction"] for s in rows] for label, rows in samples.items()}
+    rewards = {label: r["generation"]["reward_mean"] for label, r in evaluation.items()
+               if "reward_mean" in r["generation"]}
+    return [s["question"] for s in first], [s["reference"] for s in first], answers, rewards or None
+
+
+def answer_questions(p: Pipeline, args, stages: list[str], sft: str, models: dict) -> tuple[dict, Optional[dict]]:
+    """Without the evaluation: each of `models` (label -> adapter on the SFT model, or None) answers QUESTIONS,
+    scored by the reward model when there is one. Returns (label -> answers, label -> mean reward or None)."""
+    import torch
+
+    from medgpt.generation import ChatModel, GenerationOptions
+
+    p.banner("Report: answering the questions with each model")
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=0, repetition_penalty=1.1)
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    answers = {}
+    for label, adapter in models.items():
+        chat = ChatModel(sft, adapter, template_name=args.template_name,
+                         device="cpu" if not torch.cuda.is_available() else None, torch_dtype=p.inference_dtype)
+        answers[label] = chat.chat(convs, options)
+        print(f"[pipeline] {label} answered {len(QUESTIONS)} questions", flush=True)
+        del chat
+        gc.collect()
+    rewards = None
+    if "rm" in stages or "ppo" in stages:
+        from medgpt.reward import RewardScorer
+        scorer = RewardScorer(p.path("rm"))
+        prompts = [scorer.build_prompt(c) for c in convs]
+        rewards = {label: float(scorer.score(prompts, ans).mean()) for label, ans in answers.items()}
+        del scorer
+    return answers, rewards
+
+
 def main(argv=None):
     args = parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -231,52 +272,34 @@ def main(argv=None):
 
     evaluation, eval_notes = (None, None) if args.skip_eval else evaluate_stages(p, args, stages, base, sft)
 
-    # Answers of each model to the same questions, scored by the reward model
-    p.banner("Report: answering the questions with each model")
-    import torch
-
-    from medgpt.generation import ChatModel, GenerationOptions
-    from medgpt.report import write_report
-
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=0, repetition_penalty=1.1)
-    models = {"SFT": None}
-    for name in ("dpo", "ppo", "orpo"):
-        if name in stages:
-            models[name.upper()] = p.path(name)
-    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    answers = {}
-    for label, adapter in models.items():
-        chat = ChatModel(sft, adapter, template_name=args.template_name,
-                         device="cpu" if not torch.cuda.is_available() else None, torch_dtype=p.inference_dtype)
-        out = chat.chat(convs, options)
-        answers[label] = out
-        print(f"[pipeline] {label} answered {len(QUESTIONS)} questions", flush=True)
-        del chat
-        gc.collect()
-    rewards = None
-    if "rm" in stages or "ppo" in stages:
-        from medgpt.reward import RewardScorer
-        scorer = RewardScorer(p.path("rm"))
-        prompts = [scorer.build_prompt(c) for c in convs]
-        rewards = {label: float(scorer.score(prompts, ans).mean()) for label, ans in answers.items()}
-        del scorer
+    # The answers side by side: with the evaluation, those of its held-out conversations (every model has answered them
+    # and the reward model has scored them: no second pass over the models); without it, answers to QUESTIONS
+    trained = {"SFT": None, **{n.upper(): p.path(n) for n in ("dpo", "ppo", "orpo") if n in stages}}
+    if evaluation and all("generation" in r for r in evaluation.values()):
+        questions, references, answers, rewards = held_out_answers(evaluation)
+    else:
+        questions, references = QUESTIONS, None
+        answers, rewards = answer_questions(p, args, stages, sft, trained)
     stage_dirs = [("PT", "pt"), ("SFT", "sft"), ("RM", "rm"), ("PPO", "ppo"), ("DPO", "dpo"), ("ORPO", "orpo")]
     report_stages = [{"name": n, "output_dir": p.path(d)} for n, d in stage_dirs
                      if (d in stages or d == "sft") and os.path.isdir(p.path(d))]
     p.timings["total"] = time.time() - total_start
-    report = write_report(os.path.join(p.root, "report", "report.md"), report_stages, QUESTIONS, answers,
-                          rewards=rewards, timings=p.timings, evaluation=evaluation, evaluation_notes=eval_notes)
+    from medgpt.report import write_report
+
+    report = write_report(os.path.join(p.root, "report", "report.md"), report_stages, questions, answers,
+                          rewards=None if evaluation else rewards,  # (the evaluation table has them)
+                          timings=p.timings, evaluation=evaluation, evaluation_notes=eval_notes, references=references)
     with open(os.path.join(p.root, "report", "summary.json"), "w", encoding="utf-8") as f:
         from medgpt.evaluation import summary
-        json.dump({"timings_s": p.timings, "mean_reward": rewards, "answers": answers, "questions": QUESTIONS,
+        json.dump({"timings_s": p.timings, "mean_reward": rewards, "answers": answers, "questions": questions,
                    "evaluation": {k: summary(r) for k, r in (evaluation or {}).items()}},
                   f, ensure_ascii=False, indent=2)
-    final_model = "PPO" if "PPO" in models else list(models)[-1]
+    final_model = "PPO" if "PPO" in trained else list(trained)[-1]
     p.banner(f"Done in {p.timings['total'] / 60:.1f} min. Report: {report}")
     if rewards:
         print("Mean reward of the answers: " + ", ".join(f"{k} {v:+.3f}" for k, v in rewards.items()))
     # the final chat answer, from the end of the RLHF chain, printed by inference.py as a user would run it
-    adapter = models[final_model]
+    adapter = trained[final_model]
     cmd = [sys.executable, "inference.py", "--base_model", sft, "--with_prompt", "--temperature", "0",
            "--repetition_penalty", "1.1", "--max_new_tokens", str(args.max_new_tokens), "--prompt", args.question]
     cmd += ["--lora_model", adapter] if adapter else []

@@ -170,8 +170,9 @@ def evaluation_section(evaluation: dict[str, dict], report_dir: str, notes: Opti
 def write_report(path: str, stages: list[dict], questions: list[str], answers: dict[str, list[str]],
                  rewards: Optional[dict[str, float]] = None, timings: Optional[dict[str, float]] = None,
                  title: str = "MedGPT pipeline report", evaluation: Optional[dict[str, dict]] = None,
-                 evaluation_notes: Optional[list[str]] = None) -> str:
+                 evaluation_notes: Optional[list[str]] = None, references: Optional[list[str]] = None) -> str:
     """stages: [{"name", "output_dir", "metrics": [keys to show] (optional)}]; answers: model -> answers;
+    references: the reference reply to each question (a column before the answers), if there is one;
     evaluation: model -> medgpt.evaluation results (its section: a table and a bar chart)."""
     report_dir = os.path.dirname(os.path.abspath(path))
     os.makedirs(report_dir, exist_ok=True)
@@ -205,10 +206,15 @@ def write_report(path: str, stages: list[dict], questions: list[str], answers: d
             lines += [f"### {st['name']}", "", f"![{st['name']}]({os.path.basename(png)})", ""]
     if answers:
         models = list(answers)
-        lines += ["## Answers side by side", "", "| question | " + " | ".join(models) + " |",
-                  "|---" * (len(models) + 1) + "|"]
+        columns = ["question"] + (["reference"] if references else []) + models
+        lines += ["## Answers side by side", ""]
+        if references:
+            lines += ["The held-out conversations of the evaluation: the last user turn, the reference reply and each "
+                      "model's answer.", ""]
+        lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
         for i, q in enumerate(questions):
-            lines.append(f"| {_cell(q)} | " + " | ".join(_cell(answers[m][i]) for m in models) + " |")
+            cells = [q] + ([references[i]] if references else []) + [answers[m][i] for m in models]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         lines.append("")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

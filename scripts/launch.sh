@@ -1,6 +1,7 @@
 # Sourced by the run_*.sh scripts: the Python to use and the torchrun launch, written once.
 #   PYTHON       interpreter (default: .venv/bin/python if present, else python3)
-#   NPROC        processes per node (default: the number of visible GPUs, or 1 on a CPU machine)
+#   NPROC        processes per node (default: the number of visible GPUs, or 1 on a CPU machine); one process on
+#                one machine without DeepSpeed/FSDP runs as plain python, anything else through torchrun
 #   NNODES       machines in the run (default 1). Above 1, start the same command on every machine, each with its
 #                own NODE_RANK; they meet at MASTER_ADDR:MASTER_PORT (node 0's address):
 #                  node 0:  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC=8 bash run_sft.sh ...
@@ -58,9 +59,21 @@ launch() {
     _check_deepspeed "$ds" || return 2
   fi
   if [ -z "${NPROC:-}" ]; then
-    NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+    if ls /dev/nvidia[0-9]* /dev/kfd >/dev/null 2>&1; then  # GPU device files: ask torch how many it can use
+      NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+    else  # none: no CUDA/ROCm device is visible, one process (and no 2 s torch import to find that out)
+      NPROC=1
+    fi
   fi
   local nnodes=${NNODES:-1} rdzv
+  # One process on one machine, no DeepSpeed or FSDP: plain python, as `python supervised_finetuning.py ...` runs
+  # (torchrun would only add a 2-3 s launcher process and a one-process group; every stage of run_pipeline.sh
+  # pays that once)
+  if [ "$NPROC" = 1 ] && [ "$nnodes" = 1 ] && [ -z "${MASTER_PORT:-}" ] && [ -z "$ds" ] \
+      && [[ " $* " != *" --fsdp"* ]]; then
+    "$PYTHON" "$script" "$@"
+    return
+  fi
   if [ "$nnodes" != 1 ]; then
     rdzv=(--nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}"
           --master_port "${MASTER_PORT:-29500}")
