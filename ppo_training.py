@@ -120,11 +120,12 @@ def check_paths(ppo_args):
         raise SystemExit(f"error: --sft_model_path {sft}: no such folder (train one with supervised_finetuning.py)")
 
 
-def reward_function(ppo_args, device):
-    """The reward model as (prompt messages, responses) -> scores."""
+def reward_function(ppo_args, device, torch_dtype=None):
+    """The reward model as (prompt messages, responses) -> scores, loaded in the policy's --torch_dtype."""
     from medgpt.reward import RewardScorer
 
-    scorer = RewardScorer(ppo_args.reward_model_path, base_model=ppo_args.reward_base_model, device=device)
+    scorer = RewardScorer(ppo_args.reward_model_path, base_model=ppo_args.reward_base_model, device=device,
+                          torch_dtype=torch_dtype)
     logger.info("Reward model %s (template %s)", ppo_args.reward_model_path, scorer.template.name)
     return scorer.score_messages  # renders each prompt with the reward model's own template
 
@@ -145,7 +146,7 @@ def main(argv=None):
     logger.info("Prompt template: %s", template_name)
     prompts = encode_prompts(rows, tokenizer, template, ppo_args.system_prompt, ppo_args.max_source_length)
 
-    reward_fn = reward_function(ppo_args, device=next(policy.parameters()).device)
+    reward_fn = reward_function(ppo_args, device=next(policy.parameters()).device, torch_dtype=model_args.torch_dtype)
     trainer = PPOTrainer(policy, tokenizer, reward_fn, ppo_args, training_args, reference,
                          stop_token_ids(tokenizer, template),
                          run_info={"template_name": template_name, "sft_model_path": ppo_args.sft_model_path,

@@ -175,7 +175,7 @@ def evaluate_stages(p: Pipeline, args, stages: list[str], base, sft: str) -> tup
     scorer = None
     if "rm" in stages or "ppo" in stages:
         from medgpt.reward import RewardScorer
-        scorer = RewardScorer(p.path("rm"))
+        scorer = RewardScorer(p.path("rm"), torch_dtype=p.inference_dtype)
     config = EvalConfig(batch_size=8, generation=GenerationOptions(max_new_tokens=args.eval_max_new_tokens,
                                                                    temperature=0, repetition_penalty=1.1))
     results = evaluate_models(models, args.template_name, items, convs, config, scorer,
@@ -227,7 +227,7 @@ def answer_questions(p: Pipeline, args, stages: list[str], sft: str, models: dic
     rewards = None
     if "rm" in stages or "ppo" in stages:
         from medgpt.reward import RewardScorer
-        scorer = RewardScorer(p.path("rm"))
+        scorer = RewardScorer(p.path("rm"), torch_dtype=p.inference_dtype)
         prompts = [scorer.build_prompt(c) for c in convs]
         rewards = {label: float(scorer.score(prompts, ans).mean()) for label, ans in answers.items()}
         del scorer

@@ -106,7 +106,12 @@ class ChatModel:
         if lora_model:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, lora_model)
-            logger.info("Loaded LoRA adapter %s", lora_model)
+            if q is None:  # inference only: merged, a plain model (LoRA's extra small matmuls and adds per layer
+                # double a CPU decode step); a quantized base keeps the adapter beside it (merging would round it)
+                model = model.merge_and_unload()
+                logger.info("Loaded LoRA adapter %s (merged into the base weights for inference)", lora_model)
+            else:
+                logger.info("Loaded LoRA adapter %s", lora_model)
         if q is None:
             model.to(self.device)
         model.eval()

@@ -99,7 +99,7 @@ def test_two_nodes_on_one_machine_train_the_two_process_model(tiny_model_dir, tw
         assert (ours[name] - tensor).abs().max().item() <= 1e-5 * scale, name
 
 
-LAUNCHED = ["run_pt.sh", "run_sft.sh", "run_rm.sh", "run_dpo.sh", "run_orpo.sh", "run_grpo.sh", "run_ppo.sh"]
+LAUNCHED = ["run_pt.sh", "run_sft.sh", "run_rm.sh", "run_dpo.sh", "run_orpo.sh", "run_cpo.sh", "run_grpo.sh", "run_ppo.sh"]
 
 
 def stage_args(script: str, tmp_path) -> list[str]:
