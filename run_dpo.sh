@@ -14,31 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/launch.sh
 launch dpo_training.py \
-    "${RUN_FLAGS[@]}" "${LORA_FLAGS[@]}" \
-    --train_file_dir ./data/reward \
-    --validation_split_percentage 10 \
-    --per_device_train_batch_size 2 \
-    --per_device_eval_batch_size 4 \
-    --gradient_accumulation_steps 1 \
-    --do_train \
-    --do_eval \
-    --template_name chatml \
-    --max_train_samples 1000 \
-    --max_eval_samples 10 \
-    --max_steps 12 \
-    --learning_rate 2e-4 \
+    "${RUN_FLAGS[@]}" "${LORA_FLAGS[@]}" "${PAIR_FLAGS[@]}" \
     --beta 0.1 \
-    --warmup_steps 2 \
-    --lr_scheduler_type cosine \
-    --logging_strategy steps \
-    --logging_steps 2 \
-    --eval_steps 50 \
-    --eval_strategy steps \
-    --save_steps 50 \
-    --save_strategy steps \
-    --save_total_limit 3 \
-    --max_source_length 128 \
-    --max_target_length 128 \
     --output_dir outputs-dpo-v1 \
     --remove_unused_columns False \
     "$@"

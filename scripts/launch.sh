@@ -20,6 +20,13 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 RUN_FLAGS=(--overwrite_output_dir --ddp_timeout 30000 --logging_first_step True --torch_dtype float32 --device_map auto
            --report_to tensorboard --ddp_find_unused_parameters False --gradient_checkpointing False --cache_dir ./cache)
 LORA_FLAGS=(--use_peft True --target_modules all --lora_rank 8 --lora_alpha 16 --lora_dropout 0.05)
+# The preference stages' (run_dpo.sh, run_orpo.sh, run_cpo.sh) shared defaults: data/reward, a 10% held-out split, 12
+# steps of 2 pairs at learning rate 2e-4 (cosine, 2 warm-up steps), prompts and replies cut at 128 tokens each
+PAIR_FLAGS=(--train_file_dir ./data/reward --validation_split_percentage 10 --per_device_train_batch_size 2
+            --per_device_eval_batch_size 4 --gradient_accumulation_steps 1 --do_train --do_eval --template_name chatml
+            --max_train_samples 1000 --max_eval_samples 10 --max_steps 12 --learning_rate 2e-4 --warmup_steps 2
+            --lr_scheduler_type cosine --logging_strategy steps --logging_steps 2 --eval_steps 50 --eval_strategy steps
+            --save_steps 50 --save_strategy steps --save_total_limit 3 --max_source_length 128 --max_target_length 128)
 
 # _check_deepspeed CONFIG: one line on stderr and status 2 when CONFIG is not a readable DeepSpeed JSON file (or inline
 # JSON), before torchrun starts (from there every rank would print the error and torchrun a page of traceback).
