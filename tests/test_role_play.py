@@ -174,8 +174,9 @@ class Stub:
     """An OpenAI-shaped endpoint that answers the first requests with the given error statuses, then with a
     line that names the side speaking and the turn (and, unless same_text, the persona pair)."""
 
-    def __init__(self, fail_with=(), same_text=False, delay=0.0):
+    def __init__(self, fail_with=(), same_text=False, delay=0.0, hold=None):
         self.fail_with, self.same_text, self.delay = list(fail_with), same_text, delay
+        self.hold, self.gate = hold, threading.Event()  # while hold() is true, requests wait for the gate
         self.requests = []  # (status, x-stainless-retry-count)
         self.lock = threading.Lock()
         stub = self
@@ -206,6 +207,8 @@ class Stub:
                 if status != 200:  # retry-after-ms keeps the client's backoff short in the test
                     return self.send(status, {"error": {"message": "injected", "type": "server_error"}},
                                      [("retry-after-ms", "20")])
+                if stub.hold is not None and stub.hold():
+                    stub.gate.wait(60)
                 time.sleep(stub.delay)
                 msgs = body["messages"]
                 patient = msgs[0]["content"].startswith(("You are role-playing a patient", "你正在扮演"))
@@ -312,15 +315,18 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path):
     out = tmp_path / "d.jsonl"
     args = [sys.executable, str(ROOT / SCRIPT), "--output_file", str(out), "--num_dialogues", "8", "--num_turns", "2",
             "--max_concurrency", "2", "--no_progress"]
-    # each request takes 0.3 s, so the 6 dialogues left when Ctrl-C is sent need >= 1.8 s: the signal arrives while
-    # they run even on a loaded machine
-    with Stub(delay=0.3) as stub:
+    # once 2 dialogues are saved, the stub holds every request until Ctrl-C has been sent: the signal always lands
+    # while the other 6 run, however slow or fast the machine
+    with Stub(delay=0.01, hold=lambda: out.exists() and out.read_text().count("\n") >= 2) as stub:
         proc = subprocess.Popen([*args, "--base_url", stub.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 2):
             time.sleep(0.05)
+        time.sleep(0.5)  # the running dialogues reach their next request and wait there
         proc.send_signal(signal.SIGINT)  # Ctrl-C: finished dialogues stay, the running ones stop
+        time.sleep(0.5)
+        stub.gate.set()
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 1, stderr
         first = json.loads(stdout.strip().splitlines()[-1].removeprefix("summary: "))
