@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench_sft import BF16_FLAGS, finish, print_table, run_child, start, train_sides  # noqa: E402
+from bench_sft import BF16_FLAGS, finish, print_table, run_child, side_list, start, train_sides  # noqa: E402
 
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "reward", "dpo_zh_500.jsonl")
 RUNS = {"baseline": ["--packing", "False"], "ours": [], "ours_bf16": BF16_FLAGS}
@@ -41,7 +41,8 @@ def parse(argv=None):
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: all cores)")
     p.add_argument("--repeat", type=int, default=1, help="train each side N times, alternating; speed from the fastest")
-    p.add_argument("--only", choices=sorted(RUNS), default=None, help="run one side only (development)")
+    p.add_argument("--only", type=side_list(RUNS), default=None,
+                   help="run these sides only, comma-separated (e.g. ours,ours_bf16)")
     p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
                    help="the bf16 side (ours in bf16): auto = where the CPU has native bf16 (or a GPU is used)")
     p.add_argument("--extra", default="", help="more flags for both runs")
@@ -143,10 +144,11 @@ def main(argv=None):
     results["heldout"] = scores
     for name, run in results["runs"].items():
         run.update(heldout_reward_accuracy=scores[name]["reward_accuracy"], heldout_margin=scores[name]["mean_margin"])
-    if "baseline" in results["runs"] and "ours" in results["runs"]:
-        base, ours = results["runs"]["baseline"], results["runs"]["ours"]
+    runs, checks = results["runs"], {}
+    if "baseline" in runs and "ours" in runs:
+        base, ours = runs["baseline"], runs["ours"]
         speed = ours["steps_per_s"] / base["steps_per_s"]
-        results["checks"] = {
+        checks = {
             "DPO steps/s, ours / baseline": {"value": round(speed, 3), "target": ">= 1.5", "ok": speed >= 1.5},
             "held-out reward accuracy, ours vs baseline": {
                 "value": f"{ours['heldout_reward_accuracy']} vs {base['heldout_reward_accuracy']}", "target": "equal",
@@ -154,15 +156,17 @@ def main(argv=None):
             "same steps": {"value": f"{ours['steps']} vs {base['steps']}", "target": "equal",
                            "ok": ours["steps"] == base["steps"]},
         }
-        if "ours_bf16" in results["runs"]:
-            bf16 = results["runs"]["ours_bf16"]
-            speed = bf16["steps_per_s"] / ours["steps_per_s"]
-            results["checks"].update({
-                "DPO steps/s, ours bf16 / ours fp32": {"value": round(speed, 3), "target": ">= 1.5", "ok": speed >= 1.5},
-                "held-out reward accuracy, ours bf16 vs ours fp32": {
-                    "value": f"{bf16['heldout_reward_accuracy']} vs {ours['heldout_reward_accuracy']}",
-                    "target": "equal", "ok": bf16["heldout_reward_accuracy"] == ours["heldout_reward_accuracy"]},
-            })
+    if "ours" in runs and "ours_bf16" in runs:
+        ours, bf16 = runs["ours"], runs["ours_bf16"]
+        speed = bf16["steps_per_s"] / ours["steps_per_s"]
+        checks.update({
+            "DPO steps/s, ours bf16 / ours fp32": {"value": round(speed, 3), "target": ">= 1.5", "ok": speed >= 1.5},
+            "held-out reward accuracy, ours bf16 vs ours fp32": {
+                "value": f"{bf16['heldout_reward_accuracy']} vs {ours['heldout_reward_accuracy']}",
+                "target": "equal", "ok": bf16["heldout_reward_accuracy"] == ours["heldout_reward_accuracy"]},
+        })
+    if checks:
+        results["checks"] = checks
     print_table(results["runs"], DPO_ROWS, no_ratio=())
     return finish(results, args.output, workdir)
 

@@ -49,7 +49,8 @@ def parse(argv=None):
     p.add_argument("--repeat", type=int, default=1,
                    help="train each side N times, alternating; speed from each side's fastest run (noise from other "
                         "processes only slows a run down), peak RSS: our highest against the baseline's lowest")
-    p.add_argument("--only", choices=sorted(RUNS), default=None, help="run one side only (development)")
+    p.add_argument("--only", type=side_list(RUNS), default=None,
+                   help="run these sides only, comma-separated (e.g. ours,ours_bf16)")
     p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
                    help="the bf16 side: auto = where the CPU has native bf16 (or a GPU is used)")
     p.add_argument("--extra", default="", help="more flags for both runs, e.g. \"--gradient_checkpointing True\"")
@@ -189,6 +190,17 @@ def bf16_side(args) -> bool:
     return torch.cuda.is_available() or cpu_bf16().fast
 
 
+def side_list(known):
+    """--only's type: comma-separated side names, each one of `known`."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in known] or ([] if names else [text])
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown side {bad[0]!r} (choose from {', '.join(sorted(known))})")
+        return names
+    return parse
+
+
 def start(args, prefix: str, common_flags):
     """The data split, the flags of both sides, the results record and the sides to run."""
     workdir = args.workdir or tempfile.mkdtemp(prefix=prefix)
@@ -198,7 +210,7 @@ def start(args, prefix: str, common_flags):
                "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output")},
                "flags": flags, "runs": {}}
     names = ["baseline", "ours"] + (["ours_bf16"] if bf16_side(args) else [])
-    return workdir, dirs, flags, results, [args.only] if args.only else names
+    return workdir, dirs, flags, results, args.only or names
 
 
 def train_sides(names, repeat, workdir, train_one) -> dict:
