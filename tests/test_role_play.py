@@ -318,8 +318,11 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path):
     # once 2 dialogues are saved, the stub holds every request until Ctrl-C has been sent: the signal always lands
     # while the other 6 run, however slow or fast the machine
     with Stub(delay=0.01, hold=lambda: out.exists() and out.read_text().count("\n") >= 2) as stub:
+        # (SIGINT back to its default first: a test run started in the background by a non-interactive shell, as
+        # `nohup bash .ci/run &`, inherits it ignored, and Python then installs no KeyboardInterrupt handler)
         proc = subprocess.Popen([*args, "--base_url", stub.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 2):
             time.sleep(0.05)
