@@ -157,8 +157,6 @@ def expand_vocab(p: Pipeline, base: str | None) -> str:
 def evaluate_stages(p: Pipeline, args, stages: list[str], base, sft: str) -> tuple[dict, list[str]]:
     """The base model and every trained model (PT, SFT, DPO, ORPO, PPO) scored on the same multiple-choice questions
     and held-out conversations (medgpt.evaluation); results also in <output_root>/report/evaluation.json."""
-    import torch
-
     from medgpt.default_model import is_default
     from medgpt.evaluation import EvalConfig, evaluate_models, load_conversations, load_mcq
     from medgpt.generation import GenerationOptions
@@ -179,7 +177,7 @@ def evaluate_stages(p: Pipeline, args, stages: list[str], base, sft: str) -> tup
     config = EvalConfig(batch_size=8, generation=GenerationOptions(max_new_tokens=args.eval_max_new_tokens,
                                                                    temperature=0, repetition_penalty=1.1))
     results = evaluate_models(models, args.template_name, items, convs, config, scorer,
-                              device="cpu" if not torch.cuda.is_available() else None, torch_dtype=p.inference_dtype)
+                              torch_dtype=p.inference_dtype)
     del scorer
     gc.collect()
     p.timings["evaluation"] = time.time() - start
@@ -209,8 +207,6 @@ def held_out_answers(evaluation: dict) -> tuple[list, list, dict, Optional[dict]
 def answer_questions(p: Pipeline, args, stages: list[str], sft: str, models: dict) -> tuple[dict, Optional[dict]]:
     """Without the evaluation: each of `models` (label -> adapter on the SFT model, or None) answers QUESTIONS,
     scored by the reward model when there is one. Returns (label -> answers, label -> mean reward or None)."""
-    import torch
-
     from medgpt.generation import ChatModel, GenerationOptions
 
     p.banner("Report: answering the questions with each model")
@@ -219,7 +215,7 @@ def answer_questions(p: Pipeline, args, stages: list[str], sft: str, models: dic
     answers = {}
     for label, adapter in models.items():
         chat = ChatModel(sft, adapter, template_name=args.template_name,
-                         device="cpu" if not torch.cuda.is_available() else None, torch_dtype=p.inference_dtype)
+                         torch_dtype=p.inference_dtype)
         answers[label] = chat.chat(convs, options)
         print(f"[pipeline] {label} answered {len(QUESTIONS)} questions", flush=True)
         del chat
@@ -287,7 +283,7 @@ def main(argv=None):
     from medgpt.report import write_report
 
     report = write_report(os.path.join(p.root, "report", "report.md"), report_stages, questions, answers,
-                          rewards=None if evaluation else rewards,  # (the evaluation table has them)
+                          rewards=None if references else rewards,  # (the evaluation's table has them)
                           timings=p.timings, evaluation=evaluation, evaluation_notes=eval_notes, references=references)
     with open(os.path.join(p.root, "report", "summary.json"), "w", encoding="utf-8") as f:
         from medgpt.evaluation import summary
