@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import cpu_attention
 from .sft import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -35,14 +36,17 @@ _FLASH = ("flash_attention_2", "flash_attention_3")
 
 
 def _sdpa(module, query, key, value, mask, **kwargs):
-    """transformers' sdpa attention for one sample, in float32 when bf16/fp16 tensors are on a CPU. Hand-written
-    because torch's CPU flash attention in bf16 compiles kernels for each new sequence length (measured: 34 ms for a
-    300-token sample's forward + backward when every length is new, as in packed rows, against 7 ms in float32,
-    where nothing is compiled); its matmuls are a small part of a step, so float32 costs little here."""
+    """transformers' sdpa attention for one sample. bf16/fp16 tensors on a CPU: causal bf16 samples go to
+    medgpt.cpu_attention (bf16 matmuls, no per-length kernel builds); the rest runs in float32, because torch's CPU
+    flash attention in bf16 compiles kernels for each new sequence length (measured: 34 ms for a 300-token sample's
+    forward + backward when every length is new, as in packed rows, against 7 ms in float32)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.dtype not in (torch.bfloat16, torch.float16) or query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)[0]
+    if cpu_attention.fits(query, key, kwargs.get("dropout"), mask, kwargs.get("sliding_window")) \
+            and kwargs.get("is_causal", getattr(module, "is_causal", True)) and kwargs.get("softcap") is None:
+        return cpu_attention.causal_attention(query, key, value, kwargs.get("scaling"))
     with torch.autocast("cpu", enabled=False):  # (autocast would cast sdpa's inputs back to bf16)
         out = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)[0]
     return out.to(query.dtype)

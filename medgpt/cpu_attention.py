@@ -1,0 +1,86 @@
+"""Causal attention for one bf16 sample on a CPU, used by the packed (per-sample) attention in bf16 training.
+
+Hand-written because torch's CPU kernels lack a fast path for it (torch 2.13, measured on a 2-core Xeon with AMX-BF16,
+9 query heads, 3 KV heads, head size 64, lengths 100-512, forward + backward):
+- sdpa's CPU flash attention in bf16 builds kernels for every new sequence length (34 ms a sample when lengths vary,
+  as in packed rows) and, even with lengths padded so it builds none, is no faster than in float32 (6.4 ms);
+- the math backend and a plain composition of bf16 matmuls and a float32 softmax spend their time in elementwise
+  passes over float32 score matrices and in oneDNN building a matmul kernel for each new length (11-25 ms).
+Here each sample is padded to a multiple of 64 tokens (so oneDNN reuses eight kernel shapes; with causal attention
+the padded keys are invisible to the real queries and the padded queries' outputs are dropped), the query heads that
+share a KV head are stacked into one matrix (GQA without repeating K and V, and dK/dV summed by the matmul itself),
+scores and probabilities stay bf16 (softmax and its backward accumulate in float32 inside torch's kernels), and the
+probabilities are kept for the backward instead of recomputed: 4.1 ms a sample, output error against float32 0.4%
+(float32 flash attention on the same bf16 inputs: 0.3%).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_BLOCK = 64  # padding unit: oneDNN builds one matmul kernel per shape
+_MASKS: dict = {}
+
+
+def _causal_mask(n: int) -> torch.Tensor:
+    mask = _MASKS.get(n)
+    if mask is None:
+        mask = _MASKS[n] = torch.ones(n, n, dtype=torch.bool).triu_(1)  # True above the diagonal: hidden
+    return mask
+
+
+class _CausalAttention(torch.autograd.Function):
+    """q [1, H, L, D], k/v [1, G, L, D] (H a multiple of G) -> output [1, L, H, D] (transformers' layout)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        _, heads, n, dim = q.shape
+        groups = k.shape[1]
+        rep = heads // groups
+        padded = -(-n // _BLOCK) * _BLOCK
+        qs = q.new_zeros(groups, rep, padded, dim)
+        qs[:, :, :n] = q[0].view(groups, rep, n, dim) * scale
+        ks = k.new_zeros(groups, padded, dim)
+        ks[:, :n] = k[0]
+        vs = v.new_zeros(groups, padded, dim)
+        vs[:, :n] = v[0]
+        qs = qs.view(groups, rep * padded, dim)
+        scores = torch.bmm(qs, ks.transpose(1, 2)).view(groups, rep, padded, padded)
+        scores.masked_fill_(_causal_mask(padded), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(groups, rep * padded, padded)
+        out = torch.bmm(probs, vs).view(groups * rep, padded, dim)
+        ctx.save_for_backward(qs, ks, vs, probs)
+        ctx.scale, ctx.n = scale, n
+        return out[:, :n].transpose(0, 1).unsqueeze(0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qs, ks, vs, probs = ctx.saved_tensors
+        scale, n = ctx.scale, ctx.n
+        groups, rows, padded = probs.shape
+        dim = qs.shape[-1]
+        rep = rows // padded
+        heads = groups * rep
+        go = grad_out.new_zeros(heads, padded, dim, dtype=qs.dtype)
+        go[:, :n] = grad_out[0].transpose(0, 1)
+        go = go.view(groups, rows, dim)
+        grad_v = torch.bmm(probs.transpose(1, 2), go)
+        grad_p = torch.bmm(go, vs.transpose(1, 2))
+        grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)
+        grad_q = torch.bmm(grad_s, ks).mul_(scale).view(groups * rep, padded, dim)[:, :n]
+        grad_k = torch.bmm(grad_s.transpose(1, 2), qs)[:, :n]  # qs carries the scale already
+        return grad_q.unsqueeze(0), grad_k.unsqueeze(0), grad_v[:, :n].unsqueeze(0), None
+
+
+def fits(query, key, dropout: float, mask, window) -> bool:
+    """Whether `causal_attention` computes what sdpa would for this call."""
+    return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and key.dtype == torch.bfloat16
+            and query.shape[0] == 1 and query.shape[2] == key.shape[2] and query.shape[1] % key.shape[1] == 0
+            and not dropout and mask is None and not window)
+
+
+def causal_attention(query, key, value, scaling=None) -> torch.Tensor:
+    """Causal self-attention of one sample in bf16: query [1, H, L, D], key/value [1, G, L, D] -> [1, L, H, D]."""
+    scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+    return _CausalAttention.apply(query, key, value, scale)
