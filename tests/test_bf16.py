@@ -152,6 +152,41 @@ def test_linear_cross_entropy_in_bf16_is_close_to_float32():
     torch.testing.assert_close(h16.grad.float(), h32.grad, atol=2e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_fused_rmsnorm_in_bf16_is_as_close_to_float32_as_llamas(train_weight):
+    """The fused bf16 RMSNorm (medgpt.lean_ops) is as close to a float32 RMSNorm as Llama's own bf16 forward, for the
+    output, the input gradient and (full fine-tuning) the weight gradient; float32 inputs keep Llama's forward."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from medgpt.lean_ops import use_fused_rmsnorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 96, generator=gen) * 3
+    grad = torch.randn(3, 40, 96, generator=gen)
+    weight = torch.rand(96, generator=gen) + 0.5
+    results = {}
+    for name in ("fp32", "llama-bf16", "fused-bf16"):
+        norm = LlamaRMSNorm(96, eps=1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+        norm.weight.requires_grad_(train_weight)
+        dtype = torch.float32 if name == "fp32" else torch.bfloat16
+        norm = norm.to(dtype)
+        if name == "fused-bf16":
+            assert use_fused_rmsnorm(torch.nn.Sequential(norm)) == 1
+        inp = x.to(dtype, copy=True).requires_grad_()
+        out = norm(inp)
+        assert out.dtype is dtype
+        out.backward(grad.to(dtype))
+        results[name] = [out.detach().float(), inp.grad.float()] + ([norm.weight.grad.float()] if train_weight else [])
+    for i, ref in enumerate(results["fp32"]):
+        err = {name: float((results[name][i] - ref).norm() / ref.norm()) for name in ("llama-bf16", "fused-bf16")}
+        assert err["fused-bf16"] < 1.5 * err["llama-bf16"] + 1e-3, (i, err)
+    fused = LlamaRMSNorm(96)
+    use_fused_rmsnorm(torch.nn.Sequential(fused))
+    torch.testing.assert_close(fused(x), LlamaRMSNorm(96)(x), rtol=0, atol=0)  # float32: Llama's own forward
+
+
 def test_pad_packed_row_keeps_samples_and_loss(smol_tokenizer):
     """The filler that rounds a packed row's length changes neither the real samples' logits nor the loss."""
     from medgpt.data.collator import TokenStats, enable_packing, pad_packed_row
