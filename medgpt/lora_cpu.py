@@ -20,16 +20,21 @@ import numpy as np
 import torch
 
 
-def keep_mask(shape, p: float) -> torch.Tensor:
-    """A bool mask keeping each element with probability 1 - round(p * 65536) / 65536 (CPU). torch's CPU dropout
+def keep_mask(shape, p: float, dtype=torch.bool) -> torch.Tensor:
+    """A mask keeping each element with probability 1 - round(p * 65536) / 65536 (CPU). torch's CPU dropout
     draws one Mersenne-Twister number per element on one thread (16% of a LoRA SFT step on 2 cores); here each
     64-bit draw of numpy's SFC64 generator (twice as fast as torch's int64 `random_`) gives four 16-bit uniforms. The
     generator is seeded with one draw from torch's CPU generator, so torch.manual_seed (and a Trainer resuming its
-    RNG state) still fixes every mask."""
+    RNG state) still fixes every mask. `dtype`: bool, or a floating dtype for a 0/1 mask written by the comparison
+    itself (bf16: 0.12 ms for [1024, 576] against 0.37 ms for a bool mask converted afterwards); same draws, same
+    mask."""
     n = math.prod(shape)
     seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
-    draws = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n])
-    return draws.view(shape) >= round(p * 65536) - 32768
+    draws = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]).view(shape)
+    threshold = round(p * 65536) - 32768
+    if dtype is torch.bool:
+        return draws >= threshold
+    return torch.ge(draws, threshold, out=torch.empty(shape, dtype=dtype))
 
 
 class _Dropout(torch.autograd.Function):
@@ -72,9 +77,10 @@ def use_fast_cpu_dropout(model) -> int:
 
 
 def _as_float(keep: torch.Tensor, dtype) -> torch.Tensor:
-    """The 0/1 float mask of a bool mask: multiplying by it is twice as fast as torch.where on a bool mask on CPU,
-    and converting through uint8 three times as fast as bool -> float directly (measured, torch 2.13)."""
-    return keep.view(torch.uint8).to(dtype)
+    """The 0/1 float mask of a bool mask (a float mask as it is): multiplying by it is twice as fast as torch.where
+    on a bool mask on CPU, and converting through uint8 three times as fast as bool -> float directly (measured,
+    torch 2.13)."""
+    return keep.to(dtype) if keep.is_floating_point() else keep.view(torch.uint8).to(dtype)
 
 
 class _LoRABranch(torch.autograd.Function):
@@ -134,7 +140,10 @@ def _fused_forward(self, x, *args, **kwargs):
         return fallback(self, x, *args, **kwargs)
     base = self.base_layer(x)
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-    keep = keep_mask(x.shape, p) if p > 0 else None
+    # bf16/fp16: the mask in that dtype, kept for backward (1 byte an element more than a bool mask, and no
+    # conversion in forward and again in backward); float32 keeps the bool mask (3 bytes less)
+    mask_dtype = base.dtype if base.dtype in (torch.bfloat16, torch.float16) else torch.bool
+    keep = keep_mask(x.shape, p, mask_dtype) if p > 0 else None
     return _LoRABranch.apply(x, base, lora_a.weight, lora_b.weight, keep, self.scaling[name] / (1.0 - p))
 
 

@@ -95,18 +95,21 @@ def _tiny_llama(smol_tokenizer, dtype):
                                         initializer_range=0.2)).to(dtype)
 
 
-def test_fused_lora_in_bf16_is_as_close_to_float32_as_peft(smol_tokenizer):
-    """bf16 weights, float32 LoRA weights (peft's choice), bf16 autocast: the fused layer (bf16 matmuls) is as close
-    to the float32 model's loss and LoRA gradients as peft's own bf16 forward, and adapter gradients stay float32."""
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fused_lora_in_bf16_is_as_close_to_float32_as_peft(smol_tokenizer, dropout):
+    """bf16 weights, float32 LoRA weights (peft's choice), bf16 autocast: the fused layer (bf16 matmuls, with dropout
+    a bf16 mask drawn from the same numbers) is as close to the float32 model's loss and LoRA gradients as peft's own
+    bf16 forward, and adapter gradients stay float32."""
     from medgpt.args import LoraArguments
-    from medgpt.lora_cpu import use_fused_lora
+    from medgpt.lora_cpu import use_fast_cpu_dropout, use_fused_lora
     from medgpt.modeling import apply_lora
 
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     results = {}
     for name in ("fp32", "peft-bf16", "fused-bf16"):
         model = _tiny_llama(smol_tokenizer, torch.float32)
-        model = apply_lora(model, LoraArguments(lora_dropout=0.0), SimpleNamespace(gradient_checkpointing=False))
+        model = apply_lora(model, LoraArguments(lora_dropout=dropout), SimpleNamespace(gradient_checkpointing=False))
+        use_fast_cpu_dropout(model)
         with torch.no_grad():
             for pname, param in model.named_parameters():
                 if "lora_B" in pname:
@@ -115,6 +118,7 @@ def test_fused_lora_in_bf16_is_as_close_to_float32_as_peft(smol_tokenizer):
                     param.data = param.data.bfloat16()  # the frozen base in bf16, as --torch_dtype bfloat16 loads it
         if name == "fused-bf16":
             assert use_fused_lora(model) == 14  # 7 linear layers x 2 decoder layers
+        torch.manual_seed(5)  # the same dropout masks in every run
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "fp32"):
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()
@@ -150,6 +154,18 @@ def test_linear_cross_entropy_in_bf16_is_close_to_float32():
     assert float(loss16) == pytest.approx(float(loss32), rel=5e-3)
     assert h16.grad.dtype is torch.bfloat16 and h16.grad.shape == h32.grad.shape
     torch.testing.assert_close(h16.grad.float(), h32.grad, atol=2e-2, rtol=5e-2)
+
+
+def test_bf16_dropout_mask_is_the_bool_mask():
+    """keep_mask in bf16 is the bool mask of the same draws, as 0/1 values."""
+    from medgpt.lora_cpu import keep_mask
+
+    torch.manual_seed(3)
+    mask = keep_mask((5, 700), 0.3)
+    torch.manual_seed(3)
+    mask16 = keep_mask((5, 700), 0.3, torch.bfloat16)
+    assert mask.dtype is torch.bool and mask16.dtype is torch.bfloat16
+    assert torch.equal(mask16, mask.to(torch.bfloat16)) and 0.25 < 1 - float(mask.float().mean()) < 0.35
 
 
 @pytest.mark.parametrize("train_weight", [False, True])
