@@ -63,9 +63,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = logits.float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total = total + ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
-            if need_h or need_w:
-                if dtype is not torch.bfloat16:
+                if need_h or need_w:
                     probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            if need_h or need_w:
                 rows = torch.arange(len(t), device=t.device)
                 probs[rows, t] -= 1.0  # d CE / d logits = softmax - one-hot
                 if not bool(valid.all()):
@@ -164,22 +164,31 @@ def _swiglu_forward(self, x):
 _SWIGLU_SOURCE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 
 
-def use_recomputed_swiglu(model) -> int:
-    """Give every MLP of `model` whose forward is exactly Llama's SwiGLU with a SiLU activation the recomputing
-    forward; returns how many MLPs got it."""
+def _swap_forwards(model, source_matches, forward, extra=lambda module: True) -> int:
+    """Give every module of `model` whose class's forward source passes `source_matches` (and that passes `extra`)
+    the bound `forward`; returns how many modules got it."""
     count, checked = 0, {}
     for module in model.modules():
         cls = type(module)
         if cls not in checked:
             try:
-                checked[cls] = _SWIGLU_SOURCE in inspect.getsource(cls.forward)
+                checked[cls] = source_matches(inspect.getsource(cls.forward))
             except (OSError, TypeError):
                 checked[cls] = False
-        act = getattr(module, "act_fn", None)
-        if checked[cls] and (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"):
-            module.forward = types.MethodType(_swiglu_forward, module)
+        if checked[cls] and extra(module):
+            module.forward = types.MethodType(forward, module)
             count += 1
     return count
+
+
+def use_recomputed_swiglu(model) -> int:
+    """Give every MLP of `model` whose forward is exactly Llama's SwiGLU with a SiLU activation the recomputing
+    forward; returns how many MLPs got it."""
+    def silu(module):
+        act = getattr(module, "act_fn", None)
+        return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+    return _swap_forwards(model, lambda source: _SWIGLU_SOURCE in source, _swiglu_forward, silu)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -226,16 +235,5 @@ _RMSNORM_SOURCE = ("hidden_states.pow(2).mean(-1, keepdim=True)", "torch.rsqrt(v
 def use_fused_rmsnorm(model) -> int:
     """Give every RMSNorm of `model` whose forward is exactly Llama's (weight * normalized x, not Gemma's 1 + weight)
     the fused bf16 forward (other dtypes and devices keep the module's own); returns how many norms got it."""
-    count, checked = 0, {}
-    for module in model.modules():
-        cls = type(module)
-        if cls not in checked:
-            try:
-                source = inspect.getsource(cls.forward)
-                checked[cls] = all(line in source for line in _RMSNORM_SOURCE)
-            except (OSError, TypeError):
-                checked[cls] = False
-        if checked[cls] and isinstance(getattr(module, "weight", None), torch.nn.Parameter):
-            module.forward = types.MethodType(_rmsnorm_forward, module)
-            count += 1
-    return count
+    return _swap_forwards(model, lambda source: all(line in source for line in _RMSNORM_SOURCE), _rmsnorm_forward,
+                          lambda module: isinstance(getattr(module, "weight", None), torch.nn.Parameter))
