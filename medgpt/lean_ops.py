@@ -10,6 +10,7 @@
   180 KB a token for SmolLM2's 30 layers).
 
 * `use_fused_rmsnorm`: Llama's RMSNorm in bf16 as one autograd op (see `_RMSNorm`).
+* `use_fused_rotary`: Llama's rotary position embedding as one autograd op per tensor (see `_Rotary`).
 
 They give the same values and gradients as the unfused code up to float rounding (tests/test_packing.py,
 tests/test_bf16.py).
@@ -151,10 +152,9 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        grad_gate = (grad * up).mul_(sig).mul_(gate.mul(1.0 - sig).add_(1.0))  # silu'(g) = s (1 + g (1 - s))
-        grad_up = grad * gate * sig
-        return grad_gate, grad_up
+        # aten's silu_backward: grad * silu'(gate) in one vectorized pass (float32 inside for bf16), where composing
+        # silu'(g) = s (1 + g (1 - s)) from tensor ops takes seven ([1024, 1536] bf16, both gradients: 4.2 -> 2.3 ms)
+        return torch.ops.aten.silu_backward(grad * up, gate), F.silu(gate).mul_(grad)
 
 
 def _swiglu_forward(self, x):
@@ -237,3 +237,84 @@ def use_fused_rmsnorm(model) -> int:
     the fused bf16 forward (other dtypes and devices keep the module's own); returns how many norms got it."""
     return _swap_forwards(model, lambda source: all(line in source for line in _RMSNORM_SOURCE), _rmsnorm_forward,
                           lambda module: isinstance(getattr(module, "weight", None), torch.nn.Parameter))
+
+
+class _Rotary(torch.autograd.Function):
+    """x rotated by the angles whose cosines and sines are `cos`, `sin` (Llama's half-split layout: both halves of the
+    last dimension share their angles): out1 = x1 c - x2 s, out2 = x2 c + x1 s, each half one multiply and one fused
+    multiply-add written in place, and the backward (the inverse rotation) likewise. Hand-written because Llama's
+    `q * cos + rotate_half(q) * sin` runs five full passes in forward (rotate_half negates and concatenates) and as
+    many again in backward, where autograd also zero-fills and accumulates the slices' gradients: [1, 9, 1024, 64]
+    and [1, 3, 1024, 64] forward + backward 2.8 -> 1.7 ms in bf16, 3.4 -> 1.7 ms in float32 on the 2-core Xeon."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        half = x.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        out = torch.empty_like(x)
+        _rotate(out, x, c, s)
+        ctx.save_for_backward(c, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        c, s = ctx.saved_tensors
+        grad_x = torch.empty_like(grad)
+        _rotate(grad_x, grad, c, -s)  # the transpose of a rotation is the rotation by minus the angle
+        return grad_x, None, None
+
+
+def _rotate(out, x, c, s):
+    half = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s)
+
+
+def _llama_rotary(original):
+    """A drop-in for a modeling module's `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` that runs `_Rotary`
+    on CPU tensors of one dtype whose cos/sin halves are equal (Llama's rotary embedding always builds them so; the
+    check reads [tokens, head_dim / 2] values), and the original otherwise."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        half = cos.shape[-1] // 2
+        if (q.device.type == "cpu" and q.dtype == k.dtype == cos.dtype == sin.dtype and not cos.requires_grad
+                and not sin.requires_grad and q.shape[-1] == k.shape[-1] == cos.shape[-1] == 2 * half
+                and torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
+            cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+            return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb.medgpt_original = original
+    return apply_rotary_pos_emb
+
+
+_ROTARY_SOURCE = ("q_embed = (q * cos) + (rotate_half(q) * sin)", "k_embed = (k * cos) + (rotate_half(k) * sin)")
+_ROTATE_HALF_SOURCE = "return torch.cat((-x2, x1), dim=-1)"
+
+
+def use_fused_rotary(model) -> int:
+    """Give the modeling modules (transformers' modeling_llama, modeling_qwen2, ...) of `model`'s attention layers
+    whose `apply_rotary_pos_emb` is exactly Llama's the `_Rotary` drop-in (module-wide: same values up to rounding,
+    other devices and dtypes keep the original); returns how many modules got it (or had it already)."""
+    import sys
+
+    done = set()
+    for module in model.modules():
+        if not type(module).__name__.endswith("Attention"):
+            continue
+        source_module = sys.modules.get(type(module).__module__)
+        apply = getattr(source_module, "apply_rotary_pos_emb", None)
+        if source_module is None or apply is None or source_module.__name__ in done:
+            continue
+        if not hasattr(apply, "medgpt_original"):
+            try:
+                matches = all(line in inspect.getsource(apply) for line in _ROTARY_SOURCE) and \
+                    _ROTATE_HALF_SOURCE in inspect.getsource(source_module.rotate_half)
+            except (OSError, TypeError, AttributeError):
+                matches = False
+            if not matches:
+                continue
+            source_module.apply_rotary_pos_emb = _llama_rotary(apply)
+        done.add(source_module.__name__)
+    return len(done)

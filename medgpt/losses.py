@@ -27,7 +27,7 @@ from transformers import Trainer
 from .data.collator import TokenStats, base_pretrained_model, pad_packed_row, split_packed_batch
 from .data.sft import IGNORE_INDEX
 from .lean_ops import (hidden_instead_of_logits, linear_cross_entropy, plain_head, use_fused_rmsnorm,
-                       use_recomputed_swiglu)
+                       use_fused_rotary, use_recomputed_swiglu)
 from .lora_cpu import FastCPUDropout, use_fast_cpu_dropout, use_fused_lora  # noqa: F401 (re-exported)
 from .moe import aux_loss_coef, check_zero3, log_aux_loss_choice, router_aux_term, set_aux_loss_coef
 
@@ -134,6 +134,8 @@ class LeanTrainer(TokenCountingTrainer):
         if self.args.device.type == "cpu":
             if use_fused_rmsnorm(self.model):
                 logger.info("RMSNorm: one fused op in bf16 (medgpt/lean_ops.py)")
+            if use_fused_rotary(self.model):
+                logger.info("Rotary position embedding: one fused op per tensor on CPU (medgpt/lean_ops.py)")
             if use_fast_cpu_dropout(self.model):
                 logger.info("LoRA dropout: using FastCPUDropout (a multi-draw mask, same distribution)")
             # (not under DeepSpeed/FSDP: they gather sharded weights in module hooks the fused op would bypass)

@@ -202,6 +202,75 @@ def test_fused_head_and_swiglu_match_the_model_on_padded_batches(smol_tokenizer,
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_matches_llamas(dtype):
+    """medgpt.lean_ops' rotary drop-in gives Llama's apply_rotary_pos_emb values and gradients (float32: to rounding;
+    bf16: no further from a float64 reference than Llama's own), on transformers' transposed q/k layout; inputs it
+    does not cover (mixed dtypes, cos halves that differ) go to the original unchanged."""
+    from transformers.models.llama import modeling_llama
+
+    from medgpt.lean_ops import _llama_rotary
+
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "medgpt_original", modeling_llama.apply_rotary_pos_emb)
+    fused = _llama_rotary(original)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 11, 4, 16, generator=gen).transpose(1, 2)
+    k = torch.randn(2, 11, 2, 16, generator=gen).transpose(1, 2)
+    angles = torch.rand(2, 11, 8, generator=gen) * 20
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    grads = torch.randn(2, 4, 11, 16, generator=gen), torch.randn(2, 2, 11, 16, generator=gen)
+
+    def run(apply, dt):
+        qq, kk = q.to(dt, copy=True).requires_grad_(), k.to(dt, copy=True).requires_grad_()
+        out = apply(qq, kk, cos.to(dt), sin.to(dt))
+        torch.autograd.backward(out, [g.to(dt) for g in grads])
+        return [t.detach().double() for t in (*out, qq.grad, kk.grad)]
+
+    ref = run(original, torch.float64)
+    llama, ours = run(original, dtype), run(fused, dtype)
+    for i, want in enumerate(ref):
+        if dtype is torch.float32:
+            torch.testing.assert_close(ours[i], llama[i], rtol=1e-5, atol=1e-6)
+        else:
+            assert (ours[i] - want).norm() <= 1.2 * (llama[i] - want).norm() + 1e-6, i
+    # not covered: q in bf16 with float32 cos/sin (autocast over float32 weights), and halves that differ
+    qb, kb = q.bfloat16(), k.bfloat16()
+    for a, b in zip(fused(qb, kb, cos, sin), original(qb, kb, cos, sin)):
+        assert a.dtype is torch.float32 and torch.equal(a, b)
+    skewed = cos.clone()
+    skewed[..., 0] += 0.5
+    for a, b in zip(fused(q, k, skewed, sin), original(q, k, skewed, sin)):
+        assert torch.equal(a, b)
+
+
+def test_use_fused_rotary_patches_llama_once(smol_tokenizer, monkeypatch):
+    """use_fused_rotary swaps modeling_llama's apply_rotary_pos_emb once (a second call does not wrap it again), and
+    the model's loss and gradients stay those of the original."""
+    from transformers.models.llama import modeling_llama
+
+    from medgpt.lean_ops import use_fused_rotary
+
+    # Llama's own (an in-process training run of an earlier test may have swapped it); restored after the test
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "medgpt_original", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)
+    from transformers import DataCollatorForSeq2Seq
+
+    batch = DataCollatorForSeq2Seq(smol_tokenizer, label_pad_token_id=IGNORE_INDEX)(_samples([8, 20, 13]))
+    results = []
+    for fused in (False, True):
+        model = _llama(smol_tokenizer).train()
+        if fused:
+            assert use_fused_rotary(model) == 1 and use_fused_rotary(model) == 1
+            assert modeling_llama.apply_rotary_pos_emb.medgpt_original is original
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got, ref)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_linear_cross_entropy_chunks_and_ignored_targets():
     from medgpt.lean_ops import linear_cross_entropy
 
