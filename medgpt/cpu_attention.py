@@ -79,11 +79,14 @@ class _CausalAttention(torch.autograd.Function):
         return grad_q.unsqueeze(0), grad_k.unsqueeze(0), grad_v[:, :n].unsqueeze(0), None
 
 
-def fits(query, key, dropout: float, mask, window) -> bool:
-    """Whether `causal_attention` computes what sdpa would for this call."""
+def fits(module, query, key, mask, **kwargs) -> bool:
+    """Whether `causal_attention` computes what transformers' sdpa attention would for this call (`kwargs`: the
+    attention interface's: dropout, sliding_window, is_causal, softcap, ...)."""
     return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and key.dtype == torch.bfloat16
             and query.shape[0] == 1 and query.shape[2] == key.shape[2] and query.shape[1] % key.shape[1] == 0
-            and query.shape[2] <= MAX_LENGTH and not dropout and mask is None and not window)
+            and query.shape[2] <= MAX_LENGTH and mask is None and not kwargs.get("dropout")
+            and not kwargs.get("sliding_window") and kwargs.get("softcap") is None
+            and kwargs.get("is_causal", getattr(module, "is_causal", True)))
 
 
 def causal_attention(query, key, value, scaling=None) -> torch.Tensor:

@@ -236,7 +236,7 @@ def test_pad_packed_row_keeps_samples_and_loss(smol_tokenizer):
     assert (stats.processed, stats.real, stats.supervised) == (32, 21, 18)
 
 
-@pytest.mark.parametrize("heads,kv_heads,n", [(9, 3, 37), (4, 4, 64), (6, 2, 130)])
+@pytest.mark.parametrize("heads,kv_heads,n", [(9, 3, 37), (4, 4, 64), (6, 2, 130), (4, 2, 256), (9, 3, 300)])
 def test_cpu_attention_in_bf16_matches_float32_sdpa(heads, kv_heads, n):
     """medgpt.cpu_attention (bf16 scores and probabilities, GQA by stacking query heads, lengths padded to 64) gives
     causal attention's output and gradients within bf16 rounding of float32 sdpa (measured 0.4-0.6%), and no query
@@ -263,9 +263,11 @@ def test_cpu_attention_in_bf16_matches_float32_sdpa(heads, kv_heads, n):
     with torch.no_grad():
         moved = causal_attention(q.bfloat16(), later, v.bfloat16())
     assert torch.equal(moved[:, :n // 2], out.detach()[:, :n // 2]) and not torch.equal(moved, out.detach())
-    assert cpu_attention.fits(q16, k16, 0.0, None, None)
+    assert cpu_attention.fits(None, q16, k16, None, dropout=0.0)
+    assert not cpu_attention.fits(None, q16, k16, None, is_causal=False)
+    assert not cpu_attention.fits(None, q16, k16, None, softcap=30.0)
     long_q, long_k = (torch.zeros(1, h, 513, 16, dtype=torch.bfloat16) for h in (heads, kv_heads))
-    assert not cpu_attention.fits(long_q, long_k, 0.0, None, None)  # longer samples keep float32 flash attention
+    assert not cpu_attention.fits(None, long_q, long_k, None)  # longer samples keep float32 flash attention
 
 
 def test_packed_bf16_rows_use_the_bf16_attention(smol_tokenizer, monkeypatch):

@@ -44,8 +44,7 @@ def _sdpa(module, query, key, value, mask, **kwargs):
 
     if query.dtype not in (torch.bfloat16, torch.float16) or query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)[0]
-    if cpu_attention.fits(query, key, kwargs.get("dropout"), mask, kwargs.get("sliding_window")) \
-            and kwargs.get("is_causal", getattr(module, "is_causal", True)) and kwargs.get("softcap") is None:
+    if cpu_attention.fits(module, query, key, mask, **kwargs):
         return cpu_attention.causal_attention(query, key, value, kwargs.get("scaling"))
     with torch.autocast("cpu", enabled=False):  # (autocast would cast sdpa's inputs back to bf16)
         out = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)[0]
