@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import types
 
 import torch
@@ -297,8 +298,6 @@ def use_fused_rotary(model) -> int:
     """Give the modeling modules (transformers' modeling_llama, modeling_qwen2, ...) of `model`'s attention layers
     whose `apply_rotary_pos_emb` is exactly Llama's the `_Rotary` drop-in (module-wide: same values up to rounding,
     other devices and dtypes keep the original); returns how many modules got it (or had it already)."""
-    import sys
-
     done = set()
     for module in model.modules():
         if not type(module).__name__.endswith("Attention"):

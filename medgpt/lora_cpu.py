@@ -7,9 +7,9 @@ and v each keep their own copy of the same input). On a 2-core CPU those passes 
 `use_fused_lora` gives each vanilla LoRA layer one autograd op: out = base(x) + (s / (1-p)) * ((x * mask) A^T) B^T,
 computed with one masked copy (a multiply by the 0/1 float mask), one small matmul and one fused multiply-add into
 the base layer's output; backward recomputes the masked input from `x` (shared by the layers that read it) and the
-mask. Same math, same
-dropout masks for the same seed as peft with FastCPUDropout. Layers it does not cover (DoRA and other variants,
-several active adapters, merged or disabled adapters, quantized base layers, other devices) keep peft's forward.
+mask. Same math, same dropout masks for the same seed as peft with FastCPUDropout. Layers it does not cover (DoRA and
+other variants, several active adapters, merged or disabled adapters, quantized base layers, other devices) keep
+peft's forward.
 In bf16 (--bf16 autocast or bf16 weights) the branch runs in bf16 with float32 adapter weights and gradients.
 """
 from __future__ import annotations
@@ -100,12 +100,11 @@ class _LoRABranch(torch.autograd.Function):
         hidden = (masked @ weight_a.to(dtype).t()).mul_(coef)
         ctx.save_for_backward(x, keep, hidden, weight_a, weight_b)
         ctx.coef = coef
-        base2 = base.view(-1, base.shape[-1]) if base.is_contiguous() else None
-        if base2 is None:
+        if not base.is_contiguous():
             return torch.addmm(base.reshape(-1, base.shape[-1]), hidden, weight_b.to(dtype).t()).view(base.shape)
         # the base layer's output is this op's alone: the branch is added into it (no new [tokens, out] tensor to
         # fill and copy: in-process A/B on B1's batches, a bf16 step 0.96x the time)
-        base2.addmm_(hidden, weight_b.to(dtype).t())
+        base.view(-1, base.shape[-1]).addmm_(hidden, weight_b.to(dtype).t())
         ctx.mark_dirty(base)
         return base
 
