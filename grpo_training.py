@@ -20,6 +20,7 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 from medgpt.cli import run_main
 from medgpt.data.io import DataError, load_train_eval_rows
 from medgpt.data.qa import build_prompts, qa_row
+from medgpt.losses import use_cpu_fast_paths
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
 from medgpt.ppo import resolve_template_name, stop_token_ids
 from medgpt.rewards import SYSTEM_PROMPT, get_reward_funcs
@@ -108,6 +109,7 @@ def main(argv=None):
         eval_dataset=eval_dataset if need_eval else None,
         processing_class=tokenizer,
     )
+    use_cpu_fast_paths(trainer, trainer.model)
     steps = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
         training_args.num_train_epochs * len(train_dataset) * training_args.num_generations
         / (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps

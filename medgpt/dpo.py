@@ -36,7 +36,7 @@ from trl.trainer.utils import use_adapter
 
 from .data.collator import enable_packing, packing_mode
 from .data.preference import LengthColumnMixin
-from .losses import step_rows
+from .losses import step_rows, use_cpu_fast_paths
 from .moe import check_zero3, router_aux_term
 
 logger = logging.getLogger(__name__)
@@ -348,6 +348,7 @@ class MedDPOTrainer(LengthColumnMixin, DPOTrainer):
                             max_packed_tokens)
         super().__init__(*args, **kwargs)
         check_zero3(self.model)  # MoE under ZeRO-3: fused experts, or one line (medgpt/moe.py)
+        use_cpu_fast_paths(self, self.model, self.ref_model)
 
     @staticmethod
     def _packing_unsupported(config, model) -> str | None:

@@ -91,6 +91,31 @@ def step_rows(trainer, model, rows: list[dict], training_step, num_items_in_batc
     return total
 
 
+def use_cpu_fast_paths(trainer, *models) -> None:
+    """Our training fast paths on `models` (the trainer's model, and e.g. DPO's reference copy), each logged once:
+    SwiGLU MLPs recomputing silu(gate) in backward (any device; medgpt/lean_ops.py), and on a CPU the fused bf16
+    RMSNorm, the fused rotary embedding, FastCPUDropout and the fused LoRA layer (medgpt/lora_cpu.py). Every one keeps
+    the module's own forward for what it does not cover (other dtypes, devices, layer variants)."""
+    models = [m for m in models if m is not None]
+
+    def applied(use) -> int:
+        return sum(use(model) for model in models)
+
+    if applied(use_recomputed_swiglu):
+        logger.info("SwiGLU MLPs: silu(gate) recomputed in backward instead of kept (medgpt/lean_ops.py)")
+    if trainer.args.device.type != "cpu":
+        return
+    if applied(use_fused_rmsnorm):
+        logger.info("RMSNorm: one fused op in bf16 (medgpt/lean_ops.py)")
+    if applied(use_fused_rotary):
+        logger.info("Rotary position embedding: one fused op per tensor on CPU (medgpt/lean_ops.py)")
+    if applied(use_fast_cpu_dropout):
+        logger.info("LoRA dropout: using FastCPUDropout (a multi-draw mask, same distribution)")
+    # (not under DeepSpeed/FSDP: they gather sharded weights in module hooks the fused op would bypass)
+    if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled) and applied(use_fused_lora):
+        logger.info("LoRA layers: one fused CPU op for dropout + A + B + scaling + add (medgpt/lora_cpu.py)")
+
+
 class TokenCountingTrainer(Trainer):
     """transformers' Trainer that counts the tokens of its training batches (processed, real,
     supervised; pad fraction) and adds them, with supervised tokens per second, to the train metrics."""
@@ -129,18 +154,7 @@ class LeanTrainer(TokenCountingTrainer):
         set_aux_loss_coef(self.model, self.aux_coef)
         log_aux_loss_choice(self.model, self.aux_coef)
         self._aux_losses: list[float] = []
-        if use_recomputed_swiglu(self.model):
-            logger.info("SwiGLU MLPs: silu(gate) recomputed in backward instead of kept (medgpt/lean_ops.py)")
-        if self.args.device.type == "cpu":
-            if use_fused_rmsnorm(self.model):
-                logger.info("RMSNorm: one fused op in bf16 (medgpt/lean_ops.py)")
-            if use_fused_rotary(self.model):
-                logger.info("Rotary position embedding: one fused op per tensor on CPU (medgpt/lean_ops.py)")
-            if use_fast_cpu_dropout(self.model):
-                logger.info("LoRA dropout: using FastCPUDropout (a multi-draw mask, same distribution)")
-            # (not under DeepSpeed/FSDP: they gather sharded weights in module hooks the fused op would bypass)
-            if not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and use_fused_lora(self.model):
-                logger.info("LoRA layers: one fused CPU op for dropout + A + B + scaling + add (medgpt/lora_cpu.py)")
+        use_cpu_fast_paths(self, self.model)
         self.lean_loss = lean_loss and accepts_logits_to_keep(self.model)
         if lean_loss and not self.lean_loss:
             logger.warning("%s has no logits_to_keep argument: computing the loss on full logits",

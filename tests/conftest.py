@@ -59,6 +59,13 @@ def run_script(script: str, *args: str, timeout: int = 600, check: bool = True, 
     return proc
 
 
+def fused_lora_layers(model) -> int:
+    """How many LoRA layers of `model` run medgpt's fused CPU forward (medgpt.lora_cpu.use_fused_lora)."""
+    from medgpt.lora_cpu import _fused_forward
+
+    return sum(getattr(m.forward, "__func__", None) is _fused_forward for m in model.modules())
+
+
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, check: bool = True, env=None,
                  launcher_args=()):
     """Run a top-level script under `torchrun --nproc_per_node nproc` (gloo on this CPU machine), as a user would.

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import fused_lora_layers, run_script
 from medgpt.data.io import find_data_files, load_records
 from medgpt.data.preference import encode_pair, preference_row
 from medgpt.templates import get_conv_template
@@ -189,6 +189,34 @@ def test_packed_dpo_step_matches_trl_padded_step(tiny_model_dir, pairs_dir, tmp_
         for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                     "logps/rejected"):
             assert m_packed[key] == pytest.approx(m_pad[key], rel=1e-3, abs=1e-4), key
+
+
+def test_dpo_step_with_the_cpu_fast_paths_matches_the_plain_models(tiny_model_dir, pairs_dir, tmp_path, monkeypatch):
+    """MedDPOTrainer gives the model our CPU fast paths (fused LoRA layers, rotary, SwiGLU:
+    medgpt.losses.use_cpu_fast_paths); a packed DPO step then has the loss and LoRA gradients of the same step on the
+    plain model (reference log-probs included: the adapter-disabled pass falls back to peft's forward)."""
+    import dpo_training
+    import medgpt.dpo
+
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(medgpt.dpo, "use_cpu_fast_paths", lambda trainer, *models: None)
+        model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path)
+        trainer = dpo_training.MedDPOTrainer(packing=True, model=model, args=args, train_dataset=train,
+                                             processing_class=tok)
+        assert trainer.packed and (fused_lora_layers(model) > 0) == fast
+        _perturb_adapter(model)
+        trainer.current_gradient_accumulation_steps = 1
+        batch = next(iter(trainer.get_train_dataloader()))
+        model.zero_grad()
+        loss = trainer.training_step(model, batch)
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_fast, grads_fast), (loss_plain, grads_plain) = results
+    assert loss_fast == pytest.approx(loss_plain, rel=1e-5)
+    assert grads_fast.keys() == grads_plain.keys() and len(grads_plain) > 0
+    for name in grads_plain:
+        torch.testing.assert_close(grads_fast[name], grads_plain[name], atol=1e-6, rtol=1e-4)
 
 
 def test_split_pairs_keeps_whole_pairs_in_order():

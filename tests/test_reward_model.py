@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import fused_lora_layers, run_script
 from medgpt.data.io import find_data_files, load_records
 from medgpt.data.preference import preference_row
 
@@ -102,6 +102,33 @@ def test_full_reward_model_saves_and_scores(tmp_path, tiny_model_dir, pairs_dir)
     scorer = load_reward_model(str(out))
     chosen, rejected = score_pairs(scorer, pairs_dir)
     assert torch.isfinite(chosen).all() and not torch.equal(chosen, rejected)
+
+
+def test_reward_trainer_gets_the_cpu_fast_paths(tmp_path, tiny_model_dir, pairs_dir):
+    """MedRewardTrainer gives the sequence-classification model our CPU fast paths (fused LoRA layers, rotary,
+    SwiGLU: medgpt.losses.use_cpu_fast_paths), and the fused model scores pairs as the plain one does."""
+    import reward_modeling
+
+    run, trainer = reward_modeling.build_trainer(["--model_name_or_path", tiny_model_dir, "--train_file_dir",
+                                                  str(pairs_dir), "--output_dir", str(tmp_path), "--do_train", *COMMON])
+    model = trainer.model
+    layers = [m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert layers and fused_lora_layers(model) == len(layers)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model.eval()
+    with torch.no_grad():
+        fused = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for layer in layers:  # back to peft's own forward
+            del layer.forward
+        assert fused_lora_layers(model) == 0
+        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+    assert fused.std() > 0
 
 
 def test_bad_pair_stops_with_file_and_line(tmp_path, tiny_model_dir):

@@ -274,19 +274,22 @@ def prepare_preference_stage(config_class, argv=None, check=None):
 
 def reference_free_trainer(trainer_class, run, script: str):
     """`trainer_class` (ORPO, CPO: no reference model) over `run` (prepare_preference_stage): the causal LM loaded,
-    LoRA applied when asked, the tokenized pairs as its datasets."""
+    LoRA applied when asked, the tokenized pairs as its datasets, our CPU fast paths on the model."""
+    from ..losses import use_cpu_fast_paths
     from ..modeling import apply_lora, load_model
 
     model = load_model(run.model_args)
     if model.config.is_encoder_decoder:
         raise SystemExit(f"error: {script} trains decoder-only (causal) language models")
-    return trainer_class(
+    trainer = trainer_class(
         model=apply_lora(model, run.lora_args, run.training_args),
         args=run.training_args,
         train_dataset=run.train_dataset,
         eval_dataset=run.eval_dataset,
         processing_class=run.tokenizer,
     )
+    use_cpu_fast_paths(trainer, trainer.model)
+    return trainer
 
 
 def train_preference_stage(trainer, run, stage: str, **run_info) -> None:
