@@ -59,11 +59,16 @@ def run_script(script: str, *args: str, timeout: int = 600, check: bool = True, 
     return proc
 
 
+def lora_layers(model) -> list:
+    """The peft LoRA layers of `model` (those with a base layer)."""
+    return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+
+
 def fused_lora_layers(model) -> int:
     """How many LoRA layers of `model` run medgpt's fused CPU forward (medgpt.lora_cpu.use_fused_lora)."""
     from medgpt.lora_cpu import _fused_forward
 
-    return sum(getattr(m.forward, "__func__", None) is _fused_forward for m in model.modules())
+    return sum(getattr(m.forward, "__func__", None) is _fused_forward for m in lora_layers(model))
 
 
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, check: bool = True, env=None,

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import fused_lora_layers, run_script
+from conftest import fused_lora_layers, lora_layers, run_script
 from test_dpo_orpo import COMMON
 from test_reward_model import sample_pairs
 
@@ -53,7 +53,7 @@ def test_cpo_trainer_gets_medgpts_tokenization(tmp_path, tiny_model_dir, pairs_d
          "--do_train", *COMMON])
     assert run.training_args.loss_type == "sigmoid" and run.training_args.cpo_alpha == 1.0  # CPO by default
     # reference_free_trainer (CPO, ORPO) gives the model our CPU fast paths: every LoRA layer fused
-    assert fused_lora_layers(trainer.model) == sum(1 for n, _ in trainer.model.named_modules() if n.endswith(".lora_A"))
+    assert lora_layers(trainer.model) and fused_lora_layers(trainer.model) == len(lora_layers(trainer.model))
     row, pair = trainer.train_dataset[0], run.train_dataset[0]
     assert row["chosen_input_ids"] == pair["prompt_ids"] + pair["chosen_ids"]
     assert row["rejected_labels"] == [-100] * len(pair["prompt_ids"]) + pair["rejected_ids"]

@@ -99,12 +99,12 @@ def test_grpo_raises_a_rule_reward(tmp_path, tmp_path_factory, smol_tokenizer):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": "yes"}) + "\n" for q in ("hi", "hello", "ok", "why")))
     out = tmp_path / "grpo"
-    proc = run_script("grpo_training.py", "--model_name_or_path", model, "--template_name", "chatml", "--system_prompt", "",
-                      "--train_file_dir", str(data), "--output_dir", str(out), "--reward_funcs", "toy_rewards:yes_reward,format",
-                      "--num_generations", "8", "--per_device_train_batch_size", "8", "--max_steps", "5",
-                      "--max_completion_length", "10", "--learning_rate", "3e-3", "--logging_steps", "1",
-                      "--gradient_checkpointing", "False", "--report_to", "none", "--save_strategy", "no",
-                      env={**ONE_THREAD, "PYTHONPATH": str(tmp_path)})
+    proc = run_script("grpo_training.py", "--model_name_or_path", model, "--template_name", "chatml",
+                      "--system_prompt", "", "--train_file_dir", str(data), "--output_dir", str(out),
+                      "--reward_funcs", "toy_rewards:yes_reward,format", "--num_generations", "8",
+                      "--per_device_train_batch_size", "8", "--max_steps", "5", "--max_completion_length", "10",
+                      "--learning_rate", "3e-3", "--logging_steps", "1", "--gradient_checkpointing", "False",
+                      "--report_to", "none", "--save_strategy", "no", env={**ONE_THREAD, "PYTHONPATH": str(tmp_path)})
     assert "LoRA layers: one fused CPU op" in proc.stderr  # our CPU fast paths (medgpt.losses.use_cpu_fast_paths)
     state = json.loads((out / "trainer_state.json").read_text())
     rewards = [h["reward"] for h in state["log_history"] if "reward" in h]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fused_lora_layers, run_script
+from conftest import fused_lora_layers, lora_layers, run_script
 from medgpt.data.io import find_data_files, load_records
 from medgpt.data.preference import preference_row
 
@@ -112,7 +112,7 @@ def test_reward_trainer_gets_the_cpu_fast_paths(tmp_path, tiny_model_dir, pairs_
     run, trainer = reward_modeling.build_trainer(["--model_name_or_path", tiny_model_dir, "--train_file_dir",
                                                   str(pairs_dir), "--output_dir", str(tmp_path), "--do_train", *COMMON])
     model = trainer.model
-    layers = [m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    layers = lora_layers(model)
     assert layers and fused_lora_layers(model) == len(layers)
     torch.manual_seed(0)
     with torch.no_grad():
