@@ -20,7 +20,7 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
 from medgpt.cli import run_main
 from medgpt.data.io import DataError, load_train_eval_rows
 from medgpt.data.qa import build_prompts, qa_row
-from medgpt.losses import use_cpu_fast_paths
+from medgpt.kernels import use_cpu_fast_paths
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
 from medgpt.ppo import resolve_template_name, stop_token_ids
 from medgpt.rewards import SYSTEM_PROMPT, get_reward_funcs

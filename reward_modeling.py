@@ -14,7 +14,7 @@ from trl import RewardConfig, RewardTrainer
 
 from medgpt.cli import run_main
 from medgpt.data.preference import LengthColumnMixin, prepare_preference_stage, train_preference_stage
-from medgpt.losses import use_cpu_fast_paths
+from medgpt.kernels import use_cpu_fast_paths
 from medgpt.modeling import apply_lora, load_model
 
 logger = logging.getLogger("medgpt.rm")
@@ -31,7 +31,7 @@ def join_prompt(dataset):
 
 class MedRewardTrainer(LengthColumnMixin, RewardTrainer):
     """TRL's RewardTrainer; batches grouped by length by default (medgpt.data.preference.choose_sampling), and our
-    CPU fast paths on the model (medgpt.losses.use_cpu_fast_paths)."""
+    CPU fast paths on the model (medgpt.kernels.use_cpu_fast_paths)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -36,7 +36,8 @@ from trl.trainer.utils import use_adapter
 
 from .data.collator import enable_packing, packing_mode
 from .data.preference import LengthColumnMixin
-from .losses import step_rows, use_cpu_fast_paths
+from .kernels import use_cpu_fast_paths
+from .losses import step_rows
 from .moe import check_zero3, router_aux_term
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ training, is the same as the model's loss on full logits up to float error. Hand
 transformers' Trainer and loss functions do not select positions before the head, and TRL's
 `add_fused_lm_head` (tiled log-probs) skips unsupervised positions only on Triton devices: on CPU it
 projects every position, so the head costs as much as full logits there. For plain Linear heads the kept
-positions then go through `medgpt.lean_ops.linear_cross_entropy` (head and loss fused, chunked), so not even
+positions then go through `medgpt.kernels.cross_entropy.linear_cross_entropy` (head and loss fused, chunked), so not even
 the kept logits are stored for backward.
 """
 from __future__ import annotations
@@ -26,14 +26,12 @@ from transformers import Trainer
 
 from .data.collator import TokenStats, base_pretrained_model, pad_packed_row, split_packed_batch
 from .data.sft import IGNORE_INDEX
-from .lean_ops import (hidden_instead_of_logits, linear_cross_entropy, plain_head, use_fused_rmsnorm,
-                       use_fused_rotary, use_recomputed_swiglu)
-from .lora_cpu import FastCPUDropout, use_fast_cpu_dropout, use_fused_lora  # noqa: F401 (re-exported)
+from .kernels import ROWS as ROW_MULTIPLE
+from .kernels import use_cpu_fast_paths
+from .kernels.cross_entropy import hidden_instead_of_logits, linear_cross_entropy, plain_head
 from .moe import aux_loss_coef, check_zero3, log_aux_loss_choice, router_aux_term, set_aux_loss_coef
 
 logger = logging.getLogger(__name__)
-
-ROW_MULTIPLE = 64  # bf16 on a CPU: packed rows padded to a multiple of this many tokens (pad_packed_row)
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -53,7 +51,7 @@ def supervised_lm_loss(model, inputs: dict, num_items_in_batch=None):
     supervised tokens divided by `num_items_in_batch` (the Trainer's count across gradient accumulation) or, without
     it, by this batch's supervised token count, exactly as transformers' ForCausalLMLoss divides.
 
-    When gradients are on and the model's head is a plain Linear (medgpt.lean_ops.plain_head), the model returns its
+    When gradients are on and the model's head is a plain Linear (medgpt.kernels.cross_entropy.plain_head), the model returns its
     final hidden states at those positions instead of logits and `linear_cross_entropy` applies the head chunk by
     chunk, so no [positions, vocab] tensor is kept for backward."""
     labels = inputs["labels"]
@@ -89,31 +87,6 @@ def step_rows(trainer, model, rows: list[dict], training_step, num_items_in_batc
         with sync:
             total = total + training_step(model, row, num_items_in_batch)
     return total
-
-
-def use_cpu_fast_paths(trainer, *models) -> None:
-    """Our training fast paths on `models` (the trainer's model, and e.g. DPO's reference copy), each logged once:
-    SwiGLU MLPs recomputing silu(gate) in backward (any device; medgpt/lean_ops.py), and on a CPU the fused bf16
-    RMSNorm, the fused rotary embedding, FastCPUDropout and the fused LoRA layer (medgpt/lora_cpu.py). Every one keeps
-    the module's own forward for what it does not cover (other dtypes, devices, layer variants)."""
-    models = [m for m in models if m is not None]
-
-    def applied(use) -> int:
-        return sum(use(model) for model in models)
-
-    if applied(use_recomputed_swiglu):
-        logger.info("SwiGLU MLPs: silu(gate) recomputed in backward instead of kept (medgpt/lean_ops.py)")
-    if trainer.args.device.type != "cpu":
-        return
-    if applied(use_fused_rmsnorm):
-        logger.info("RMSNorm: one fused op in bf16 (medgpt/lean_ops.py)")
-    if applied(use_fused_rotary):
-        logger.info("Rotary position embedding: one fused op per tensor on CPU (medgpt/lean_ops.py)")
-    if applied(use_fast_cpu_dropout):
-        logger.info("LoRA dropout: using FastCPUDropout (a multi-draw mask, same distribution)")
-    # (not under DeepSpeed/FSDP: they gather sharded weights in module hooks the fused op would bypass)
-    if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled) and applied(use_fused_lora):
-        logger.info("LoRA layers: one fused CPU op for dropout + A + B + scaling + add (medgpt/lora_cpu.py)")
 
 
 class TokenCountingTrainer(Trainer):

@@ -25,7 +25,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .data.collator import VARLEN_SDPA, base_pretrained_model, register_sdpa_attention, varlen_sdpa_attention
+from .data.collator import base_pretrained_model
+from .kernels.packed_attention import VARLEN_SDPA, register_sdpa_attention, varlen_sdpa_attention
 
 logger = logging.getLogger(__name__)
 

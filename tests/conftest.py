@@ -65,8 +65,8 @@ def lora_layers(model) -> list:
 
 
 def fused_lora_layers(model) -> int:
-    """How many LoRA layers of `model` run medgpt's fused CPU forward (medgpt.lora_cpu.use_fused_lora)."""
-    from medgpt.lora_cpu import _fused_forward
+    """How many LoRA layers of `model` run medgpt's fused CPU forward (medgpt.kernels.lora.use_fused_lora)."""
+    from medgpt.kernels.lora import _fused_forward
 
     return sum(getattr(m.forward, "__func__", None) is _fused_forward for m in lora_layers(model))
 

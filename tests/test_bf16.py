@@ -101,7 +101,7 @@ def test_fused_lora_in_bf16_is_as_close_to_float32_as_peft(smol_tokenizer, dropo
     a bf16 mask drawn from the same numbers) is as close to the float32 model's loss and LoRA gradients as peft's own
     bf16 forward, and adapter gradients stay float32."""
     from medgpt.args import LoraArguments
-    from medgpt.lora_cpu import use_fast_cpu_dropout, use_fused_lora
+    from medgpt.kernels.lora import use_fast_cpu_dropout, use_fused_lora
     from medgpt.modeling import apply_lora
 
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -137,7 +137,7 @@ def test_fused_lora_in_bf16_is_as_close_to_float32_as_peft(smol_tokenizer, dropo
 def test_linear_cross_entropy_in_bf16_is_close_to_float32():
     """The fused head + loss with a bf16 head: loss and gradient within bf16 rounding of the float32 result, the loss
     accumulated in float32, odd-sized chunks padded without changing the result."""
-    from medgpt.lean_ops import linear_cross_entropy
+    from medgpt.kernels.cross_entropy import linear_cross_entropy
 
     torch.manual_seed(0)
     hidden = torch.randn(203, 64)
@@ -158,7 +158,7 @@ def test_linear_cross_entropy_in_bf16_is_close_to_float32():
 
 def test_bf16_dropout_mask_is_the_bool_mask():
     """keep_mask in bf16 is the bool mask of the same draws, as 0/1 values."""
-    from medgpt.lora_cpu import keep_mask
+    from medgpt.kernels.lora import keep_mask
 
     torch.manual_seed(3)
     mask = keep_mask((5, 700), 0.3)
@@ -170,11 +170,11 @@ def test_bf16_dropout_mask_is_the_bool_mask():
 
 @pytest.mark.parametrize("train_weight", [False, True])
 def test_fused_rmsnorm_in_bf16_is_as_close_to_float32_as_llamas(train_weight):
-    """The fused bf16 RMSNorm (medgpt.lean_ops) is as close to a float32 RMSNorm as Llama's own bf16 forward, for the
+    """The fused bf16 RMSNorm (medgpt.kernels.fused) is as close to a float32 RMSNorm as Llama's own bf16 forward, for the
     output, the input gradient and (full fine-tuning) the weight gradient; float32 inputs keep Llama's forward."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from medgpt.lean_ops import use_fused_rmsnorm
+    from medgpt.kernels.fused import use_fused_rmsnorm
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 40, 96, generator=gen) * 3
@@ -238,11 +238,11 @@ def test_pad_packed_row_keeps_samples_and_loss(smol_tokenizer):
 
 @pytest.mark.parametrize("heads,kv_heads,n", [(9, 3, 37), (4, 4, 64), (6, 2, 130), (4, 2, 256), (9, 3, 300)])
 def test_cpu_attention_in_bf16_matches_float32_sdpa(heads, kv_heads, n):
-    """medgpt.cpu_attention (bf16 scores and probabilities, GQA by stacking query heads, lengths padded to 64) gives
+    """medgpt.kernels.bf16_attention (bf16 scores and probabilities, GQA by stacking query heads, lengths padded to 64) gives
     causal attention's output and gradients within bf16 rounding of float32 sdpa (measured 0.4-0.6%), and no query
     sees a later key."""
-    from medgpt import cpu_attention
-    from medgpt.cpu_attention import causal_attention
+    from medgpt.kernels import bf16_attention
+    from medgpt.kernels.bf16_attention import causal_attention
 
     gen = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, h, n, 16, generator=gen) for h in (heads, kv_heads, kv_heads))
@@ -263,22 +263,22 @@ def test_cpu_attention_in_bf16_matches_float32_sdpa(heads, kv_heads, n):
     with torch.no_grad():
         moved = causal_attention(q.bfloat16(), later, v.bfloat16())
     assert torch.equal(moved[:, :n // 2], out.detach()[:, :n // 2]) and not torch.equal(moved, out.detach())
-    assert cpu_attention.fits(None, q16, k16, None, dropout=0.0)
-    assert not cpu_attention.fits(None, q16, k16, None, is_causal=False)
-    assert not cpu_attention.fits(None, q16, k16, None, softcap=30.0)
+    assert bf16_attention.fits(None, q16, k16, None, dropout=0.0)
+    assert not bf16_attention.fits(None, q16, k16, None, is_causal=False)
+    assert not bf16_attention.fits(None, q16, k16, None, softcap=30.0)
     long_q, long_k = (torch.zeros(1, h, 513, 16, dtype=torch.bfloat16) for h in (heads, kv_heads))
-    assert not cpu_attention.fits(None, long_q, long_k, None)  # longer samples keep float32 flash attention
+    assert not bf16_attention.fits(None, long_q, long_k, None)  # longer samples keep float32 flash attention
 
 
 def test_packed_bf16_rows_use_the_bf16_attention(smol_tokenizer, monkeypatch):
-    """A packed bf16 row on the CPU runs each sample through medgpt.cpu_attention, and every sample's logits match
+    """A packed bf16 row on the CPU runs each sample through medgpt.kernels.bf16_attention, and every sample's logits match
     the sample run alone through transformers' own sdpa attention, up to bf16 rounding."""
-    from medgpt import cpu_attention
+    from medgpt.kernels import bf16_attention
     from medgpt.data.collator import enable_packing
 
     calls = []
-    original = cpu_attention.causal_attention
-    monkeypatch.setattr(cpu_attention, "causal_attention", lambda *a, **kw: calls.append(a[0].shape) or original(*a, **kw))
+    original = bf16_attention.causal_attention
+    monkeypatch.setattr(bf16_attention, "causal_attention", lambda *a, **kw: calls.append(a[0].shape) or original(*a, **kw))
     model = _tiny_llama(smol_tokenizer, torch.bfloat16)
     lengths = [5, 70, 9]
     ids = torch.randint(0, 1000, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))

@@ -193,7 +193,7 @@ def test_packed_dpo_step_matches_trl_padded_step(tiny_model_dir, pairs_dir, tmp_
 
 def test_dpo_step_with_the_cpu_fast_paths_matches_the_plain_models(tiny_model_dir, pairs_dir, tmp_path, monkeypatch):
     """MedDPOTrainer gives the model our CPU fast paths (fused LoRA layers, rotary, SwiGLU:
-    medgpt.losses.use_cpu_fast_paths); a packed DPO step then has the loss and LoRA gradients of the same step on the
+    medgpt.kernels.use_cpu_fast_paths); a packed DPO step then has the loss and LoRA gradients of the same step on the
     plain model (reference log-probs included: the adapter-disabled pass falls back to peft's forward)."""
     import dpo_training
     import medgpt.dpo

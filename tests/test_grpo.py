@@ -105,7 +105,7 @@ def test_grpo_raises_a_rule_reward(tmp_path, tmp_path_factory, smol_tokenizer):
                       "--per_device_train_batch_size", "8", "--max_steps", "5", "--max_completion_length", "10",
                       "--learning_rate", "3e-3", "--logging_steps", "1", "--gradient_checkpointing", "False",
                       "--report_to", "none", "--save_strategy", "no", env={**ONE_THREAD, "PYTHONPATH": str(tmp_path)})
-    assert "LoRA layers: one fused CPU op" in proc.stderr  # our CPU fast paths (medgpt.losses.use_cpu_fast_paths)
+    assert "LoRA layers: one fused CPU op" in proc.stderr  # our CPU fast paths (medgpt.kernels.use_cpu_fast_paths)
     state = json.loads((out / "trainer_state.json").read_text())
     rewards = [h["reward"] for h in state["log_history"] if "reward" in h]
     assert len(rewards) == 5

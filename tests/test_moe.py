@@ -124,7 +124,7 @@ def test_packed_loss_equals_the_models_own_loss_with_aux(kind, peft, moe_dirs, s
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
     from medgpt.data.collator import build_collator
-    from medgpt.lean_ops import plain_head
+    from medgpt.kernels.cross_entropy import plain_head
 
     model = AutoModelForCausalLM.from_pretrained(moe_dirs(kind))
     assert plain_head(model) is not None  # the hidden states stand in for the logits; the head runs in the loss

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import run_script
 
-from medgpt.data.collator import (VARLEN_SDPA, TokenStats, build_collator, enable_packing, packing_mode,
-                                  split_packed_batch)
+from medgpt.data.collator import TokenStats, build_collator, enable_packing, packing_mode, split_packed_batch
 from medgpt.data.sft import IGNORE_INDEX
+from medgpt.kernels.packed_attention import VARLEN_SDPA
 
 
 def _samples(lengths, prompt=3, seed=0):
@@ -174,12 +174,13 @@ def test_lean_loss_equals_full_logits_loss_on_padded_batches(smol_tokenizer):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_fused_head_and_swiglu_match_the_model_on_padded_batches(smol_tokenizer, tie):
-    """With gradients on, the loss fused with the head (medgpt.lean_ops.linear_cross_entropy, chunked) and the
+    """With gradients on, the loss fused with the head (medgpt.kernels.cross_entropy.linear_cross_entropy, chunked) and the
     recomputing SwiGLU give the model's own loss on full logits and the same gradients, for every parameter (the
     head/embedding trains here), on a padded batch whose rows leave some kept positions unsupervised."""
     from transformers import DataCollatorForSeq2Seq
 
-    from medgpt import lean_ops
+    from medgpt.kernels.cross_entropy import plain_head
+    from medgpt.kernels.fused import use_recomputed_swiglu
     from medgpt.losses import supervised_lm_loss
 
     batch = DataCollatorForSeq2Seq(smol_tokenizer, label_pad_token_id=IGNORE_INDEX)(_samples([8, 20, 13]))
@@ -187,8 +188,8 @@ def test_fused_head_and_swiglu_match_the_model_on_padded_batches(smol_tokenizer,
     for lean in (False, True):
         model = _llama(smol_tokenizer, tie_word_embeddings=tie).train()
         if lean:
-            assert lean_ops.use_recomputed_swiglu(model) == 2
-            assert lean_ops.plain_head(model) is not None
+            assert use_recomputed_swiglu(model) == 2
+            assert plain_head(model) is not None
             loss, outputs = supervised_lm_loss(model, batch)
             assert outputs.logits is None  # the head ran inside the fused loss
         else:
@@ -204,12 +205,12 @@ def test_fused_head_and_swiglu_match_the_model_on_padded_batches(smol_tokenizer,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rotary_matches_llamas(dtype):
-    """medgpt.lean_ops' rotary drop-in gives Llama's apply_rotary_pos_emb values and gradients (float32: to rounding;
+    """medgpt.kernels.fused' rotary drop-in gives Llama's apply_rotary_pos_emb values and gradients (float32: to rounding;
     bf16: no further from a float64 reference than Llama's own), on transformers' transposed q/k layout; inputs it
     does not cover (mixed dtypes, cos halves that differ) go to the original unchanged."""
     from transformers.models.llama import modeling_llama
 
-    from medgpt.lean_ops import _llama_rotary
+    from medgpt.kernels.fused import _llama_rotary
 
     original = getattr(modeling_llama.apply_rotary_pos_emb, "medgpt_original", modeling_llama.apply_rotary_pos_emb)
     fused = _llama_rotary(original)
@@ -248,7 +249,7 @@ def test_use_fused_rotary_patches_llama_once(smol_tokenizer, monkeypatch):
     the model's loss and gradients stay those of the original."""
     from transformers.models.llama import modeling_llama
 
-    from medgpt.lean_ops import use_fused_rotary
+    from medgpt.kernels.fused import use_fused_rotary
 
     # Llama's own (an in-process training run of an earlier test may have swapped it); restored after the test
     original = getattr(modeling_llama.apply_rotary_pos_emb, "medgpt_original", modeling_llama.apply_rotary_pos_emb)
@@ -272,7 +273,7 @@ def test_use_fused_rotary_patches_llama_once(smol_tokenizer, monkeypatch):
 
 
 def test_linear_cross_entropy_chunks_and_ignored_targets():
-    from medgpt.lean_ops import linear_cross_entropy
+    from medgpt.kernels.cross_entropy import linear_cross_entropy
 
     torch.manual_seed(0)
     hidden, weight = torch.randn(10, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
@@ -314,7 +315,7 @@ def test_sft_script_packed_and_padded_learn_the_same(tiny_model_dir, tmp_path):
 
 
 def test_fast_cpu_dropout_keeps_dropout_semantics(smol_tokenizer):
-    from medgpt.losses import FastCPUDropout, use_fast_cpu_dropout
+    from medgpt.kernels.lora import FastCPUDropout, use_fast_cpu_dropout
 
     drop = FastCPUDropout(0.25)
     x = torch.ones(400, 500, requires_grad=True)
@@ -346,7 +347,7 @@ def test_fused_lora_matches_peft(smol_tokenizer, dropout, train):
     from types import SimpleNamespace
 
     from medgpt.args import LoraArguments
-    from medgpt.lora_cpu import use_fast_cpu_dropout, use_fused_lora
+    from medgpt.kernels.lora import use_fast_cpu_dropout, use_fused_lora
     from medgpt.modeling import apply_lora
 
     results = []

@@ -106,7 +106,7 @@ def test_full_reward_model_saves_and_scores(tmp_path, tiny_model_dir, pairs_dir)
 
 def test_reward_trainer_gets_the_cpu_fast_paths(tmp_path, tiny_model_dir, pairs_dir):
     """MedRewardTrainer gives the sequence-classification model our CPU fast paths (fused LoRA layers, rotary,
-    SwiGLU: medgpt.losses.use_cpu_fast_paths), and the fused model scores pairs as the plain one does."""
+    SwiGLU: medgpt.kernels.use_cpu_fast_paths), and the fused model scores pairs as the plain one does."""
     import reward_modeling
 
     run, trainer = reward_modeling.build_trainer(["--model_name_or_path", tiny_model_dir, "--train_file_dir",

@@ -275,7 +275,7 @@ def prepare_preference_stage(config_class, argv=None, check=None):
 def reference_free_trainer(trainer_class, run, script: str):
     """`trainer_class` (ORPO, CPO: no reference model) over `run` (prepare_preference_stage): the causal LM loaded,
     LoRA applied when asked, the tokenized pairs as its datasets, our CPU fast paths on the model."""
-    from ..losses import use_cpu_fast_paths
+    from ..kernels import use_cpu_fast_paths
     from ..modeling import apply_lora, load_model
 
     model = load_model(run.model_args)
