@@ -19,9 +19,9 @@ import logging
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 from medgpt.cli import run_main
-from medgpt.data.preference import (LengthColumnMixin, PretokenizedPairsMixin, prepare_preference_stage,
-                                    reference_free_trainer, train_preference_stage)
 from medgpt.data.sft import IGNORE_INDEX
+from medgpt.trainers.preference import (LengthColumnMixin, PretokenizedPairsMixin, prepare_preference_stage,
+                                        reference_free_trainer, train_preference_stage)
 
 logger = logging.getLogger("medgpt.cpo")
 
@@ -29,7 +29,7 @@ logger = logging.getLogger("medgpt.cpo")
 class PretokenizedCPOTrainer(LengthColumnMixin, PretokenizedPairsMixin, CPOTrainer):
     """CPOTrainer fed with medgpt's tokenization (prompt_ids/chosen_ids/rejected_ids, medgpt.data.preference; TRL's
     own would double the end-of-turn, see PretokenizedPairsMixin); batches grouped by length by default
-    (medgpt.data.preference.choose_sampling)."""
+    (medgpt.trainers.preference.choose_sampling)."""
 
     def nll_token_count(self, batch):
         # CPO's NLL covers the chosen reply only: its labels after the first position that are not masked

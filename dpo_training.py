@@ -7,7 +7,7 @@ Start from the SFT model: a merged folder as --model_name_or_path, or the SFT ad
 further). With LoRA no second model is loaded: the reference is the starting point (TRL keeps a frozen copy of the
 adapter, only LoRA-sized, or disables it). Logs rewards/accuracies and rewards/margins; the output adapter is used
 by inference.py (--lora_model) like an SFT adapter. Batches are packed (each pair once as prompt + chosen + rejected,
-no padding; medgpt/dpo.py), for every --loss_type of TRL's DPOTrainer (sigmoid, ipo, hinge, robust, ...; several
+no padding; medgpt/trainers/dpo.py), for every --loss_type of TRL's DPOTrainer (sigmoid, ipo, hinge, robust, ...; several
 with --loss_weights); --packing False gives TRL's padded batches, grouped by length unless --train_sampling_strategy
 says otherwise. Reference-free SimPO/CPO: cpo_training.py.
 """
@@ -18,9 +18,9 @@ import logging
 from trl import DPOConfig
 
 from medgpt.cli import run_main
-from medgpt.dpo import CPO_LOSS_TYPES, LOSS_TYPES, MedDPOTrainer
-from medgpt.data.preference import prepare_preference_stage, train_preference_stage
 from medgpt.modeling import apply_lora, load_model
+from medgpt.trainers.dpo import CPO_LOSS_TYPES, LOSS_TYPES, MedDPOTrainer
+from medgpt.trainers.preference import prepare_preference_stage, train_preference_stage
 
 logger = logging.getLogger("medgpt.dpo")
 

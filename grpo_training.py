@@ -22,9 +22,9 @@ from medgpt.data.io import DataError, load_train_eval_rows
 from medgpt.data.qa import build_prompts, qa_row
 from medgpt.kernels import use_cpu_fast_paths
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
-from medgpt.ppo import resolve_template_name, stop_token_ids
 from medgpt.rewards import SYSTEM_PROMPT, get_reward_funcs
 from medgpt.templates import get_conv_template
+from medgpt.trainers.ppo import resolve_template_name, stop_token_ids
 from medgpt.training import prepare_run, train_and_save
 
 logger = logging.getLogger("medgpt.grpo")

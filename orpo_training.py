@@ -13,8 +13,8 @@ import logging
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from medgpt.cli import run_main
-from medgpt.data.preference import (LengthColumnMixin, PretokenizedPairsMixin, prepare_preference_stage,
-                                    reference_free_trainer, train_preference_stage)
+from medgpt.trainers.preference import (LengthColumnMixin, PretokenizedPairsMixin, prepare_preference_stage,
+                                        reference_free_trainer, train_preference_stage)
 
 logger = logging.getLogger("medgpt.orpo")
 
@@ -22,7 +22,7 @@ logger = logging.getLogger("medgpt.orpo")
 class PretokenizedORPOTrainer(LengthColumnMixin, PretokenizedPairsMixin, ORPOTrainer):
     """ORPOTrainer fed with medgpt's tokenization (prompt_ids/chosen_ids/rejected_ids, medgpt.data.preference; TRL's
     own would double the end-of-turn, see PretokenizedPairsMixin); batches grouped by length by default
-    (medgpt.data.preference.choose_sampling)."""
+    (medgpt.trainers.preference.choose_sampling)."""
 
     def nll_token_count(self, batch):
         # ORPO's NLL covers prompt and reply: every real chosen token after the first

@@ -4,7 +4,7 @@
         --train_file_dir data/finetune --output_dir outputs-ppo-v1
 
 Prompts are the first user turn (and system prompt) of SFT-format records (sharegpt / OpenAI messages /
-alpaca), or {"question"} records. The PPO algorithm itself is in medgpt/ppo.py (hand-written: TRL 1.13+
+alpaca), or {"question"} records. The PPO algorithm itself is in medgpt/trainers/ppo.py (hand-written: TRL 1.13+
 has no PPOTrainer). With a LoRA SFT adapter, PPO continues that adapter and the output folder is an
 adapter again: `python inference.py --lora_model outputs-ppo-v1 --with_prompt --interactive`.
 
@@ -28,9 +28,9 @@ from medgpt.data.sft import to_messages
 from medgpt.distributed import world_size
 from medgpt.generation import _has_tokenizer
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
-from medgpt.ppo import (PPOArguments, PPOTrainer, Reference, batch_layout, deepspeed_config, resolve_template_name,
-                        stop_token_ids)
 from medgpt.templates import get_conv_template
+from medgpt.trainers.ppo import (PPOArguments, PPOTrainer, Reference, batch_layout, deepspeed_config, resolve_template_name,
+                        stop_token_ids)
 from medgpt.training import prepare_run
 
 logger = logging.getLogger("medgpt.ppo")
@@ -67,7 +67,7 @@ def encode_prompts(rows: list[dict], tokenizer, template, system_prompt, max_len
 
 
 def load_policy(model_args, lora_args, ppo_args, training_args):
-    """The policy and how to get the reference from it (see medgpt.ppo.Reference)."""
+    """The policy and how to get the reference from it (see medgpt.trainers.ppo.Reference)."""
     sft = ppo_args.sft_model_path
     is_adapter = bool(sft) and os.path.isfile(os.path.join(sft, "adapter_config.json"))
     if is_adapter:

@@ -18,9 +18,9 @@ from medgpt.cli import run_main
 from medgpt.data.collator import DocumentFlatteningCollator, enable_packing
 from medgpt.data.pretrain import build_pretrain_datasets, resolve_block_size
 from medgpt.data.sft import IGNORE_INDEX
-from medgpt.losses import LeanTrainer
 from medgpt.modeling import apply_lora, load_model, load_tokenizer, resize_embeddings
 from medgpt.shift_attn import enable_shift_attn
+from medgpt.trainers.lm import LeanTrainer
 from medgpt.training import prepare_run, train_and_save
 from medgpt.vocab import copy_vocab_info
 

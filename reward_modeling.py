@@ -13,9 +13,9 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from medgpt.cli import run_main
-from medgpt.data.preference import LengthColumnMixin, prepare_preference_stage, train_preference_stage
 from medgpt.kernels import use_cpu_fast_paths
 from medgpt.modeling import apply_lora, load_model
+from medgpt.trainers.preference import LengthColumnMixin, prepare_preference_stage, train_preference_stage
 
 logger = logging.getLogger("medgpt.rm")
 
@@ -30,7 +30,7 @@ def join_prompt(dataset):
 
 
 class MedRewardTrainer(LengthColumnMixin, RewardTrainer):
-    """TRL's RewardTrainer; batches grouped by length by default (medgpt.data.preference.choose_sampling), and our
+    """TRL's RewardTrainer; batches grouped by length by default (medgpt.trainers.preference.choose_sampling), and our
     CPU fast paths on the model (medgpt.kernels.use_cpu_fast_paths)."""
 
     def __init__(self, *args, **kwargs):

@@ -12,10 +12,10 @@ from medgpt.args import DataArguments, LoraArguments, ModelArguments, SFTArgumen
 from medgpt.cli import run_main
 from medgpt.data.collator import build_collator
 from medgpt.data.sft import build_sft_datasets
-from medgpt.losses import LeanTrainer
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
 from medgpt.shift_attn import enable_shift_attn
 from medgpt.templates import get_conv_template
+from medgpt.trainers.lm import LeanTrainer
 from medgpt.training import prepare_run, train_and_save
 
 logger = logging.getLogger("medgpt.sft")

@@ -19,9 +19,9 @@ from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments  # noq
 from medgpt.args import DataArguments, LoraArguments, ModelArguments, SFTArguments, parse_args  # noqa: E402
 from medgpt.cli import run_main  # noqa: E402
 from medgpt.data.sft import IGNORE_INDEX, build_sft_datasets  # noqa: E402
-from medgpt.losses import TokenCountingTrainer  # noqa: E402
 from medgpt.modeling import apply_lora, load_model, load_tokenizer  # noqa: E402
 from medgpt.templates import get_conv_template  # noqa: E402
+from medgpt.trainers.lm import TokenCountingTrainer  # noqa: E402
 from medgpt.training import prepare_run, train_and_save  # noqa: E402
 
 

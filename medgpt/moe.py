@@ -9,7 +9,7 @@
 * Auxiliary loss. Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ... return `aux_loss` (the Switch-Transformer load-balancing
   loss over the router logits of every layer, padding excluded through the 2D attention mask) when called with
   `output_router_logits=True`, and add `router_aux_loss_coef * aux_loss` to their loss when given labels. Our lean
-  and packed losses (medgpt/losses.py, medgpt/dpo.py) call the model without labels, so they add that term
+  and packed losses (medgpt/trainers/lm.py, medgpt/trainers/dpo.py) call the model without labels, so they add that term
   themselves, from the model's own `aux_loss` (`router_aux_term`); a packed row has no padding and no 2D mask, so the
   model averages over exactly the real tokens, as on the padded batch. DeepSeek-V2/V3 have no auxiliary loss in
   transformers (V3 balances its experts with a routing bias): nothing is added there.

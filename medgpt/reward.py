@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .default_model import DEFAULT_TEMPLATE, is_default, resolve_model_path
 from .data.preference import eos_text, render_prompt, reply_text, split_tokenize
+from .default_model import DEFAULT_TEMPLATE, is_default, resolve_model_path
 
 logger = logging.getLogger(__name__)
 

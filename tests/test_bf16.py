@@ -206,7 +206,7 @@ def test_fused_rmsnorm_in_bf16_is_as_close_to_float32_as_llamas(train_weight):
 def test_pad_packed_row_keeps_samples_and_loss(smol_tokenizer):
     """The filler that rounds a packed row's length changes neither the real samples' logits nor the loss."""
     from medgpt.data.collator import TokenStats, enable_packing, pad_packed_row
-    from medgpt.losses import supervised_lm_loss
+    from medgpt.trainers.lm import supervised_lm_loss
 
     model = _tiny_llama(smol_tokenizer, torch.float32)
     enable_packing(model)
@@ -273,8 +273,8 @@ def test_cpu_attention_in_bf16_matches_float32_sdpa(heads, kv_heads, n):
 def test_packed_bf16_rows_use_the_bf16_attention(smol_tokenizer, monkeypatch):
     """A packed bf16 row on the CPU runs each sample through medgpt.kernels.bf16_attention, and every sample's logits match
     the sample run alone through transformers' own sdpa attention, up to bf16 rounding."""
-    from medgpt.kernels import bf16_attention
     from medgpt.data.collator import enable_packing
+    from medgpt.kernels import bf16_attention
 
     calls = []
     original = bf16_attention.causal_attention

@@ -137,7 +137,7 @@ def test_packed_pairs_give_the_log_probs_of_separate_sequences(tiny_model_dir, p
     """Each pair packed once as prompt + chosen + rejected: every reply's summed log-prob equals the one from its own
     prompt + reply sequence, so the rejected reply never sees the chosen one (also with a sliding window)."""
     from medgpt.data.collator import enable_packing
-    from medgpt.dpo import PairPackingCollator, packed_pair_logps
+    from medgpt.trainers.dpo import PairPackingCollator, packed_pair_logps
 
     model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path)
     _perturb_adapter(model)
@@ -196,12 +196,12 @@ def test_dpo_step_with_the_cpu_fast_paths_matches_the_plain_models(tiny_model_di
     medgpt.kernels.use_cpu_fast_paths); a packed DPO step then has the loss and LoRA gradients of the same step on the
     plain model (reference log-probs included: the adapter-disabled pass falls back to peft's forward)."""
     import dpo_training
-    import medgpt.dpo
+    import medgpt.trainers.dpo
 
     results = []
     for fast in (True, False):
         if not fast:
-            monkeypatch.setattr(medgpt.dpo, "use_cpu_fast_paths", lambda trainer, *models: None)
+            monkeypatch.setattr(medgpt.trainers.dpo, "use_cpu_fast_paths", lambda trainer, *models: None)
         model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path)
         trainer = dpo_training.MedDPOTrainer(packing=True, model=model, args=args, train_dataset=train,
                                              processing_class=tok)
@@ -220,7 +220,7 @@ def test_dpo_step_with_the_cpu_fast_paths_matches_the_plain_models(tiny_model_di
 
 
 def test_split_pairs_keeps_whole_pairs_in_order():
-    from medgpt.dpo import PairPackingCollator, split_pairs
+    from medgpt.trainers.dpo import PairPackingCollator, split_pairs
 
     pairs = [{"prompt_ids": [1] * p, "chosen_ids": [2] * c, "rejected_ids": [3] * r}
              for p, c, r in ((3, 2, 4), (5, 1, 1), (2, 6, 3), (4, 4, 4))]

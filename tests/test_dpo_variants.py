@@ -55,7 +55,7 @@ def dpo_step(tiny_model_dir, pairs_dir, tmp_path, flags, packing, max_tokens=Non
     """One training step of MedDPOTrainer on the first batch, the adapter perturbed so the policy is not the
     reference: (trainer, loss, LoRA gradients, mean logged metrics); trainer.rows_seen lists the pairs of each row
     the step computed a loss on."""
-    from medgpt.dpo import MedDPOTrainer
+    from medgpt.trainers.dpo import MedDPOTrainer
 
     model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path, *flags)
     trainer = MedDPOTrainer(packing=packing, max_packed_tokens=max_tokens, model=model, args=args,
@@ -106,10 +106,10 @@ def test_batch_sorting_losses_keep_the_batch_whole_and_say_so(tiny_model_dir, pa
     """aot sorts the batch's log-ratios: computed one pair at a time, as rows of a split batch would, it is another
     loss; so such a batch runs as one row (logged). (On the test batch the policy ranks the pairs as the reference
     does, so there the split would go unnoticed by the loss: the rows are counted in the test above.)"""
-    from medgpt.dpo import dpo_loss
+    from medgpt.trainers.dpo import dpo_loss
 
     flags = ["--loss_type", "aot", "--label_smoothing", "0.1"]
-    with caplog.at_level("INFO", logger="medgpt.dpo"):
+    with caplog.at_level("INFO", logger="medgpt.trainers.dpo"):
         trainer, _, _, _ = dpo_step(tiny_model_dir, pairs_dir, tmp_path, flags, packing=True, max_tokens=1)
     assert trainer.whole_batch == ["aot"] and trainer.rows_seen == [4]
     assert "loss_type ['aot'] is computed over the whole batch" in caplog.text
@@ -126,7 +126,7 @@ def test_dpo_loss_is_trls_formula_for_hand_values():
     """A few loss types computed by hand from the papers' formulas (TRL's), on made-up log-probs."""
     from types import SimpleNamespace
 
-    from medgpt.dpo import dpo_loss
+    from medgpt.trainers.dpo import dpo_loss
 
     def args(loss_type, **kw):
         base = dict(beta=0.5, label_smoothing=0.0, loss_type=loss_type, loss_weights=None, discopop_tau=0.05,
@@ -154,11 +154,11 @@ def test_dpo_loss_is_trls_formula_for_hand_values():
 
 
 def test_precomputed_reference_falls_back_to_padding_with_a_log_line(tiny_model_dir, pairs_dir, tmp_path, caplog):
-    from medgpt.dpo import MedDPOTrainer
+    from medgpt.trainers.dpo import MedDPOTrainer
 
     model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path, "--loss_type", "ipo",
                                          "--precompute_ref_log_probs", "True")
-    with caplog.at_level("WARNING", logger="medgpt.dpo"):
+    with caplog.at_level("WARNING", logger="medgpt.trainers.dpo"):
         trainer = MedDPOTrainer(packing=True, model=model, args=args, train_dataset=train, processing_class=tok)
     assert not trainer.packed
     assert "DPO packing off: --precompute_ref_log_probs is set" in caplog.text

@@ -101,7 +101,7 @@ def test_which_stages_group_by_default(config, flags, expected, tmp_path):
     from trl.experimental.orpo import ORPOConfig
 
     from medgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args
-    from medgpt.data.preference import choose_sampling
+    from medgpt.trainers.preference import choose_sampling
 
     config_class = ORPOConfig if config == "ORPOConfig" else getattr(trl, config)
     *_, pref_args, training_args, compat = parse_args(
@@ -115,7 +115,7 @@ def test_config_file_choice_wins(tmp_path):
     from trl import RewardConfig
 
     from medgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args
-    from medgpt.data.preference import choose_sampling
+    from medgpt.trainers.preference import choose_sampling
 
     (tmp_path / "rm.yaml").write_text("train_sampling_strategy: random\n")
     *_, pref_args, training_args, compat = parse_args(

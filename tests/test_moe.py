@@ -110,7 +110,7 @@ def _features(tokenizer, lengths, seed=0):
 def _trainer(model, tmp_path, **kw):
     from transformers import TrainingArguments
 
-    from medgpt.losses import LeanTrainer
+    from medgpt.trainers.lm import LeanTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     return LeanTrainer(model=model, args=args, **kw)

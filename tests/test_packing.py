@@ -135,7 +135,7 @@ def _step(trainer, batch):
 def test_packed_training_step_equals_padded_step(smol_tokenizer, tmp_path, gradient_checkpointing):
     from transformers import DataCollatorForSeq2Seq, Trainer
 
-    from medgpt.losses import LeanTrainer
+    from medgpt.trainers.lm import LeanTrainer
 
     samples = _samples([9, 17, 5, 12, 30], prompt=4)
     # reference: plain Trainer, padded batch, the model's own loss on full logits
@@ -160,7 +160,7 @@ def test_packed_training_step_equals_padded_step(smol_tokenizer, tmp_path, gradi
 def test_lean_loss_equals_full_logits_loss_on_padded_batches(smol_tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
-    from medgpt.losses import supervised_lm_loss
+    from medgpt.trainers.lm import supervised_lm_loss
 
     model = _llama(smol_tokenizer)
     batch = DataCollatorForSeq2Seq(smol_tokenizer, label_pad_token_id=IGNORE_INDEX)(_samples([8, 20, 13]))
@@ -181,7 +181,7 @@ def test_fused_head_and_swiglu_match_the_model_on_padded_batches(smol_tokenizer,
 
     from medgpt.kernels.cross_entropy import plain_head
     from medgpt.kernels.fused import use_recomputed_swiglu
-    from medgpt.losses import supervised_lm_loss
+    from medgpt.trainers.lm import supervised_lm_loss
 
     batch = DataCollatorForSeq2Seq(smol_tokenizer, label_pad_token_id=IGNORE_INDEX)(_samples([8, 20, 13]))
     results = []

@@ -1,4 +1,4 @@
-"""PPO (medgpt/ppo.py + ppo_training.py) on tiny models: the maths, the reference model, learning on a toy
+"""PPO (medgpt/trainers/ppo.py + ppo_training.py) on tiny models: the maths, the reference model, learning on a toy
 reward, and the script end to end (SFT adapter + reward model in, adapter out, loadable by inference.py)."""
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def load_safetensors(path):
 # The maths
 
 def test_gae_matches_hand_computation():
-    from medgpt.ppo import gae
+    from medgpt.trainers.ppo import gae
 
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.5, 2.0, 0.0, 0.0]])
     values = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.4, 0.5, 9.0, 9.0]])
@@ -127,7 +127,7 @@ def test_gae_matches_hand_computation():
 
 
 def test_masked_whiten_ignores_padding():
-    from medgpt.ppo import masked_mean, masked_whiten
+    from medgpt.trainers.ppo import masked_mean, masked_whiten
 
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
@@ -146,7 +146,7 @@ def test_reference_adapter_stays_frozen_while_policy_trains(tmp_path, tiny_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from medgpt.ppo import Reference
+    from medgpt.trainers.ppo import Reference
 
     adapter = build_sft_adapter(tmp_path / "sft", tiny_model_dir)
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter, is_trainable=True)
@@ -177,8 +177,8 @@ def make_trainer(model_dir, tokenizer, reward_fn, tmp_path, use_peft=True, steps
 
     from medgpt.args import LoraArguments
     from medgpt.modeling import apply_lora
-    from medgpt.ppo import PPOArguments, PPOTrainer, Reference, stop_token_ids
     from medgpt.templates import get_conv_template
+    from medgpt.trainers.ppo import PPOArguments, PPOTrainer, Reference, stop_token_ids
 
     set_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
@@ -369,7 +369,7 @@ def test_medicalgpt_ppo_flags_parse(argv):
     from transformers import TrainingArguments
 
     from medgpt.args import DataArguments, LoraArguments, ModelArguments, parse_args
-    from medgpt.ppo import PPOArguments
+    from medgpt.trainers.ppo import PPOArguments
 
     model_args, data_args, lora_args, ppo, targs, _ = parse_args(
         ModelArguments, DataArguments, LoraArguments, PPOArguments, TrainingArguments, argv=argv.split())

@@ -242,7 +242,7 @@ def test_zero3_is_a_one_line_error(models, tmp_path):
 def test_batch_layout_errors(flags, message):
     from transformers import TrainingArguments
 
-    from medgpt.ppo import PPOArguments, batch_layout
+    from medgpt.trainers.ppo import PPOArguments, batch_layout
 
     targs = TrainingArguments(output_dir="unused", per_device_train_batch_size=2, report_to=[])
     with pytest.raises(SystemExit, match=message.replace("(", r"\(")):

@@ -5,7 +5,7 @@ KV cache is passed (with the default use_cache=True samples attend to each other
 even then computes attention over the whole row. `varlen_sdpa_attention` is hand-written for that reason: it runs
 sdpa once per sample (causal, no mask), so each sample sees exactly what it sees alone, whatever use_cache says, and
 attention costs sum(len_i^2) instead of (sum len_i)^2. Packed preference pairs (`prompt + chosen + rejected`, see
-medgpt.dpo.PairPackingCollator) get their shared-prefix layout. bf16 samples on a CPU go to
+medgpt.trainers.dpo.PairPackingCollator) get their shared-prefix layout. bf16 samples on a CPU go to
 medgpt.kernels.bf16_attention. medgpt/data/collator.py builds the packed rows.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _visible(q_pos, k_pos, window=None):
 
 def _shared_prefix_attention(module, query, key, value, pair_lens, window, **kwargs):
     """Attention over packed preference pairs, each laid out once as `prompt + chosen + rejected` (see
-    medgpt.dpo.PairPackingCollator): prompt and chosen attend causally as one sequence; the rejected tokens attend
+    medgpt.trainers.dpo.PairPackingCollator): prompt and chosen attend causally as one sequence; the rejected tokens attend
     to the prompt and causally to themselves, never to the chosen reply. So the prompt is encoded once per pair, and
     both replies see exactly what they see in a separate `prompt + reply` sequence (their position ids continue
     from the prompt)."""

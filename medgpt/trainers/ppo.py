@@ -195,8 +195,8 @@ def stop_token_ids(tokenizer, template) -> list[int]:
 def resolve_template_name(explicit: Optional[str], model_name_or_path: Optional[str], *trained_folders) -> str:
     """--template_name, else the one recorded with the trained weights, else chatml for the embedded model,
     else vicuna (MedicalGPT's default)."""
-    from .default_model import DEFAULT_TEMPLATE, is_default
-    from .generation import read_run_info
+    from ..default_model import DEFAULT_TEMPLATE, is_default
+    from ..generation import read_run_info
 
     return explicit or read_run_info(*trained_folders, model_name_or_path).get("template_name") or (
         DEFAULT_TEMPLATE if is_default(model_name_or_path) else "vicuna")
@@ -245,7 +245,7 @@ class Processes:
     def __init__(self, training_args=None):
         import torch.distributed as dist
 
-        from .distributed import world_size
+        from ..distributed import world_size
 
         if world_size() > 1 and not (dist.is_available() and dist.is_initialized()):
             if training_args is not None:
@@ -362,7 +362,7 @@ def deepspeed_config(training_args, micro_batch_size: int, world: int, hidden_si
     """The --deepspeed config for PPO's own loop: its "auto" values filled, gradients accumulated over any number of
     micro-batches and reduced at engine.step() (managed_gradient_accumulation false), the client optimizer allowed.
     ZeRO-3 and an "optimizer"/"scheduler" section are one-line errors."""
-    from .distributed import check_deepspeed_config
+    from ..distributed import check_deepspeed_config
 
     where = f"--deepspeed {training_args.deepspeed}" if isinstance(training_args.deepspeed, str) else "--deepspeed"
     config = copy.deepcopy(training_args.deepspeed if isinstance(training_args.deepspeed, dict)
@@ -801,7 +801,7 @@ class PPOTrainer:
         `inference.py --lora_model PATH` (adapter) or `--base_model PATH` (full model) loads it. Main process only."""
         from safetensors.torch import save_file
 
-        from .generation import write_run_info
+        from ..generation import write_run_info
 
         if not self.procs.is_main:
             return

@@ -34,11 +34,11 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from .data.collator import enable_packing, packing_mode
-from .data.preference import LengthColumnMixin
-from .kernels import use_cpu_fast_paths
-from .losses import step_rows
-from .moe import check_zero3, router_aux_term
+from ..data.collator import enable_packing, packing_mode
+from ..kernels import use_cpu_fast_paths
+from ..moe import check_zero3, router_aux_term
+from .lm import step_rows
+from .preference import LengthColumnMixin
 
 logger = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .data.collator import TokenStats, base_pretrained_model, pad_packed_row, split_packed_batch
-from .data.sft import IGNORE_INDEX
-from .kernels import ROWS as ROW_MULTIPLE
-from .kernels import use_cpu_fast_paths
-from .kernels.cross_entropy import hidden_instead_of_logits, linear_cross_entropy, plain_head
-from .moe import aux_loss_coef, check_zero3, log_aux_loss_choice, router_aux_term, set_aux_loss_coef
+from ..data.collator import TokenStats, base_pretrained_model, pad_packed_row, split_packed_batch
+from ..data.sft import IGNORE_INDEX
+from ..kernels import ROWS as ROW_MULTIPLE
+from ..kernels import use_cpu_fast_paths
+from ..kernels.cross_entropy import hidden_instead_of_logits, linear_cross_entropy, plain_head
+from ..moe import aux_loss_coef, check_zero3, log_aux_loss_choice, router_aux_term, set_aux_loss_coef
 
 logger = logging.getLogger(__name__)
 
