@@ -6,10 +6,10 @@
 Start from the SFT model: a merged folder as --model_name_or_path, or the SFT adapter as --peft_path (it is trained
 further). With LoRA no second model is loaded: the reference is the starting point (TRL keeps a frozen copy of the
 adapter, only LoRA-sized, or disables it). Logs rewards/accuracies and rewards/margins; the output adapter is used
-by inference.py (--lora_model) like an SFT adapter. Batches are packed (each pair once as prompt + chosen + rejected,
-no padding; medgpt/trainers/dpo.py), for every --loss_type of TRL's DPOTrainer (sigmoid, ipo, hinge, robust, ...; several
-with --loss_weights); --packing False gives TRL's padded batches, grouped by length unless --train_sampling_strategy
-says otherwise. Reference-free SimPO/CPO: cpo_training.py.
+by inference.py (--lora_model) like an SFT adapter. Batches are packed (each pair once as prompt + chosen +
+rejected, no padding; medgpt/trainers/dpo.py), for every --loss_type of TRL's DPOTrainer (sigmoid, ipo, hinge,
+robust, ...; several with --loss_weights); --packing False gives TRL's padded batches, grouped by length unless
+--train_sampling_strategy says otherwise. Reference-free SimPO/CPO: cpo_training.py.
 """
 from __future__ import annotations
 

@@ -29,8 +29,8 @@ from medgpt.distributed import world_size
 from medgpt.generation import _has_tokenizer
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
 from medgpt.templates import get_conv_template
-from medgpt.trainers.ppo import (PPOArguments, PPOTrainer, Reference, batch_layout, deepspeed_config, resolve_template_name,
-                        stop_token_ids)
+from medgpt.trainers.ppo import (PPOArguments, PPOTrainer, Reference, batch_layout, deepspeed_config,
+                                 resolve_template_name, stop_token_ids)
 from medgpt.training import prepare_run
 
 logger = logging.getLogger("medgpt.ppo")

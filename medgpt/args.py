@@ -150,8 +150,8 @@ class PreferenceArguments:
                                         "reply (an explicit --max_length wins)."})
     packing: bool = field(
         default=True, metadata={"help": "DPO: pack each batch padding-free, every pair as one prompt + chosen + rejected "
-                                        "segment (the prompt encoded once; exact, see medgpt/trainers/dpo.py); False: TRL's padded "
-                                        "batches. TRL's --padding_free True means the same."})
+                                        "segment (the prompt encoded once; exact, see medgpt/trainers/dpo.py); False: "
+                                        "TRL's padded batches. TRL's --padding_free True means the same."})
     max_packed_tokens: Optional[int] = field(
         default=None, metadata={"help": "DPO with --packing: run each batch as rows of whole pairs of at most N tokens "
                                         "one after another in the same optimizer step (activation memory of one row, "

@@ -170,8 +170,8 @@ def test_bf16_dropout_mask_is_the_bool_mask():
 
 @pytest.mark.parametrize("train_weight", [False, True])
 def test_fused_rmsnorm_in_bf16_is_as_close_to_float32_as_llamas(train_weight):
-    """The fused bf16 RMSNorm (medgpt.kernels.fused) is as close to a float32 RMSNorm as Llama's own bf16 forward, for the
-    output, the input gradient and (full fine-tuning) the weight gradient; float32 inputs keep Llama's forward."""
+    """The fused bf16 RMSNorm (medgpt.kernels.fused) is as close to a float32 RMSNorm as Llama's own bf16 forward, for
+    the output, the input gradient and (full fine-tuning) the weight gradient; float32 inputs keep Llama's forward."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from medgpt.kernels.fused import use_fused_rmsnorm
@@ -238,9 +238,9 @@ def test_pad_packed_row_keeps_samples_and_loss(smol_tokenizer):
 
 @pytest.mark.parametrize("heads,kv_heads,n", [(9, 3, 37), (4, 4, 64), (6, 2, 130), (4, 2, 256), (9, 3, 300)])
 def test_cpu_attention_in_bf16_matches_float32_sdpa(heads, kv_heads, n):
-    """medgpt.kernels.bf16_attention (bf16 scores and probabilities, GQA by stacking query heads, lengths padded to 64) gives
-    causal attention's output and gradients within bf16 rounding of float32 sdpa (measured 0.4-0.6%), and no query
-    sees a later key."""
+    """medgpt.kernels.bf16_attention (bf16 scores and probabilities, GQA by stacking query heads, lengths padded to
+    64) gives causal attention's output and gradients within bf16 rounding of float32 sdpa (measured 0.4-0.6%), and no
+    query sees a later key."""
     from medgpt.kernels import bf16_attention
     from medgpt.kernels.bf16_attention import causal_attention
 
@@ -271,14 +271,15 @@ def test_cpu_attention_in_bf16_matches_float32_sdpa(heads, kv_heads, n):
 
 
 def test_packed_bf16_rows_use_the_bf16_attention(smol_tokenizer, monkeypatch):
-    """A packed bf16 row on the CPU runs each sample through medgpt.kernels.bf16_attention, and every sample's logits match
-    the sample run alone through transformers' own sdpa attention, up to bf16 rounding."""
+    """A packed bf16 row on the CPU runs each sample through medgpt.kernels.bf16_attention, and every sample's logits
+    match the sample run alone through transformers' own sdpa attention, up to bf16 rounding."""
     from medgpt.data.collator import enable_packing
     from medgpt.kernels import bf16_attention
 
     calls = []
     original = bf16_attention.causal_attention
-    monkeypatch.setattr(bf16_attention, "causal_attention", lambda *a, **kw: calls.append(a[0].shape) or original(*a, **kw))
+    monkeypatch.setattr(bf16_attention, "causal_attention",
+                        lambda *a, **kw: calls.append(a[0].shape) or original(*a, **kw))
     model = _tiny_llama(smol_tokenizer, torch.bfloat16)
     lengths = [5, 70, 9]
     ids = torch.randint(0, 1000, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))

@@ -109,7 +109,7 @@ def test_batch_sorting_losses_keep_the_batch_whole_and_say_so(tiny_model_dir, pa
     from medgpt.trainers.dpo import dpo_loss
 
     flags = ["--loss_type", "aot", "--label_smoothing", "0.1"]
-    with caplog.at_level("INFO", logger="medgpt.trainers.dpo"):
+    with caplog.at_level("INFO", logger="medgpt.dpo"):
         trainer, _, _, _ = dpo_step(tiny_model_dir, pairs_dir, tmp_path, flags, packing=True, max_tokens=1)
     assert trainer.whole_batch == ["aot"] and trainer.rows_seen == [4]
     assert "loss_type ['aot'] is computed over the whole batch" in caplog.text
@@ -158,7 +158,7 @@ def test_precomputed_reference_falls_back_to_padding_with_a_log_line(tiny_model_
 
     model, args, tok, train = _dpo_setup(tiny_model_dir, pairs_dir, tmp_path, "--loss_type", "ipo",
                                          "--precompute_ref_log_probs", "True")
-    with caplog.at_level("WARNING", logger="medgpt.trainers.dpo"):
+    with caplog.at_level("WARNING", logger="medgpt.dpo"):
         trainer = MedDPOTrainer(packing=True, model=model, args=args, train_dataset=train, processing_class=tok)
     assert not trainer.packed
     assert "DPO packing off: --precompute_ref_log_probs is set" in caplog.text

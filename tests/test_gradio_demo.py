@@ -111,9 +111,8 @@ def test_defaults_are_local_and_private():
 
 
 def test_fit_context_drops_oldest_rounds():
-    sys.path.insert(0, str(ROOT))
-    import gradio_demo
     from medgpt.serving import MessageError
+    from medgpt.serving.gradio_app import fit_context
 
     class Chat:
         context_length = 10
@@ -127,7 +126,7 @@ def test_fit_context_drops_oldest_rounds():
     turns = [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1 q1"},
              {"role": "assistant", "content": "a1 a1"}, {"role": "user", "content": "q2 q2"},
              {"role": "assistant", "content": "a2"}, {"role": "user", "content": "q3"}]
-    assert gradio_demo.fit_context(Chat(), turns, None, 2) == turns[:1] + turns[3:]  # 11 words -> 6
-    assert gradio_demo.fit_context(Chat(), turns, None, 0) == turns[:1] + turns[1:]  # 9 words fit
+    assert fit_context(Chat(), turns, None, 2) == turns[:1] + turns[3:]  # 11 words -> 6
+    assert fit_context(Chat(), turns, None, 0) == turns[:1] + turns[1:]  # 9 words fit
     with pytest.raises(MessageError):
-        gradio_demo.fit_context(Chat(), [{"role": "user", "content": "w " * 20}], None, 2)
+        fit_context(Chat(), [{"role": "user", "content": "w " * 20}], None, 2)

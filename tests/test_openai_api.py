@@ -3,14 +3,13 @@ from a 2-step SFT run), raw HTTP for malformed requests, and the request queue i
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, free_port, run_script, running_server
+from conftest import free_port, run_script, running_server
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -244,13 +243,11 @@ def test_full_queue_is_503():
 
     from medgpt.generation import GenerationOptions
     from medgpt.serving import GenerationWorker
-
-    sys.path.insert(0, str(ROOT))
-    import openai_api
+    from medgpt.serving.openai_app import create_app
 
     chat = FakeChat()
     worker = GenerationWorker(chat, max_queue=0)  # not started: every request finds the queue full
-    app = openai_api.create_app(chat, worker, GenerationOptions(max_new_tokens=10), "fake")
+    app = create_app(chat, worker, GenerationOptions(max_new_tokens=10), "fake")
     with TestClient(app) as http:
         r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"

@@ -174,9 +174,9 @@ def test_lean_loss_equals_full_logits_loss_on_padded_batches(smol_tokenizer):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_fused_head_and_swiglu_match_the_model_on_padded_batches(smol_tokenizer, tie):
-    """With gradients on, the loss fused with the head (medgpt.kernels.cross_entropy.linear_cross_entropy, chunked) and the
-    recomputing SwiGLU give the model's own loss on full logits and the same gradients, for every parameter (the
-    head/embedding trains here), on a padded batch whose rows leave some kept positions unsupervised."""
+    """With gradients on, the loss fused with the head (medgpt.kernels.cross_entropy.linear_cross_entropy, chunked)
+    and the recomputing SwiGLU give the model's own loss on full logits and the same gradients, for every parameter
+    (the head/embedding trains here), on a padded batch whose rows leave some kept positions unsupervised."""
     from transformers import DataCollatorForSeq2Seq
 
     from medgpt.kernels.cross_entropy import plain_head
@@ -205,9 +205,9 @@ def test_fused_head_and_swiglu_match_the_model_on_padded_batches(smol_tokenizer,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rotary_matches_llamas(dtype):
-    """medgpt.kernels.fused' rotary drop-in gives Llama's apply_rotary_pos_emb values and gradients (float32: to rounding;
-    bf16: no further from a float64 reference than Llama's own), on transformers' transposed q/k layout; inputs it
-    does not cover (mixed dtypes, cos halves that differ) go to the original unchanged."""
+    """medgpt.kernels.fused' rotary drop-in gives Llama's apply_rotary_pos_emb values and gradients (float32: to
+    rounding; bf16: no further from a float64 reference than Llama's own), on transformers' transposed q/k layout;
+    inputs it does not cover (mixed dtypes, cos halves that differ) go to the original unchanged."""
     from transformers.models.llama import modeling_llama
 
     from medgpt.kernels.fused import _llama_rotary

@@ -353,10 +353,10 @@ def test_openai_api_rag_docs_returns_the_sources(tiny_model_dir, tmp_path):
 
 
 def test_gradio_demo_rag_docs_adds_a_sources_message(sample_index, tiny_chat):
-    import gradio_demo
     from medgpt.generation import GenerationOptions
+    from medgpt.serving.gradio_app import build_demo
 
-    demo = gradio_demo.build_demo(tiny_chat, GenerationOptions(max_new_tokens=6, temperature=0), "", rag=sample_index)
+    demo = build_demo(tiny_chat, GenerationOptions(max_new_tokens=6, temperature=0), "", rag=sample_index)
     answer = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "answer")
     question = QUESTIONS[1][0]
     *_, history = answer([{"role": "user", "content": question}], 6, 0, 0.9, "")

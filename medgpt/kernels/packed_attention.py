@@ -19,9 +19,9 @@ VARLEN_SDPA = "medgpt_varlen_sdpa"
 
 def _sdpa(module, query, key, value, mask, **kwargs):
     """transformers' sdpa attention for one sample. bf16/fp16 tensors on a CPU: causal bf16 samples go to
-    medgpt.kernels.bf16_attention (bf16 matmuls, no per-length kernel builds); the rest runs in float32, because torch's CPU
-    flash attention in bf16 compiles kernels for each new sequence length (measured: 34 ms for a 300-token sample's
-    forward + backward when every length is new, as in packed rows, against 7 ms in float32)."""
+    medgpt.kernels.bf16_attention (bf16 matmuls, no per-length kernel builds); the rest runs in float32, because
+    torch's CPU flash attention in bf16 compiles kernels for each new sequence length (measured: 34 ms for a 300-token
+    sample's forward + backward when every length is new, as in packed rows, against 7 ms in float32)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.dtype not in (torch.bfloat16, torch.float16) or query.device.type != "cpu":
@@ -71,10 +71,10 @@ def _visible(q_pos, k_pos, window=None):
 
 def _shared_prefix_attention(module, query, key, value, pair_lens, window, **kwargs):
     """Attention over packed preference pairs, each laid out once as `prompt + chosen + rejected` (see
-    medgpt.trainers.dpo.PairPackingCollator): prompt and chosen attend causally as one sequence; the rejected tokens attend
-    to the prompt and causally to themselves, never to the chosen reply. So the prompt is encoded once per pair, and
-    both replies see exactly what they see in a separate `prompt + reply` sequence (their position ids continue
-    from the prompt)."""
+    medgpt.trainers.dpo.PairPackingCollator): prompt and chosen attend causally as one sequence; the rejected tokens
+    attend to the prompt and causally to themselves, never to the chosen reply. So the prompt is encoded once per
+    pair, and both replies see exactly what they see in a separate `prompt + reply` sequence (their position ids
+    continue from the prompt)."""
     outputs = []
     lengths = [p + c + r for p, c, r in pair_lens]
     for (p, c, r), q, k, v in zip(pair_lens, query.split(lengths, dim=2), key.split(lengths, dim=2),

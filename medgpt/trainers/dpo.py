@@ -40,7 +40,7 @@ from ..moe import check_zero3, router_aux_term
 from .lm import step_rows
 from .preference import LengthColumnMixin
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("medgpt.dpo")  # the stage's name in the log, as its script's own lines
 
 MODEL_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
               "pair_lens")

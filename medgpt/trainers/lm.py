@@ -11,8 +11,8 @@ training, is the same as the model's loss on full logits up to float error. Hand
 transformers' Trainer and loss functions do not select positions before the head, and TRL's
 `add_fused_lm_head` (tiled log-probs) skips unsupervised positions only on Triton devices: on CPU it
 projects every position, so the head costs as much as full logits there. For plain Linear heads the kept
-positions then go through `medgpt.kernels.cross_entropy.linear_cross_entropy` (head and loss fused, chunked), so not even
-the kept logits are stored for backward.
+positions then go through `medgpt.kernels.cross_entropy.linear_cross_entropy` (head and loss fused,
+chunked), so not even the kept logits are stored for backward.
 """
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ def supervised_lm_loss(model, inputs: dict, num_items_in_batch=None):
     supervised tokens divided by `num_items_in_batch` (the Trainer's count across gradient accumulation) or, without
     it, by this batch's supervised token count, exactly as transformers' ForCausalLMLoss divides.
 
-    When gradients are on and the model's head is a plain Linear (medgpt.kernels.cross_entropy.plain_head), the model returns its
-    final hidden states at those positions instead of logits and `linear_cross_entropy` applies the head chunk by
-    chunk, so no [positions, vocab] tensor is kept for backward."""
+    When gradients are on and the model's head is a plain Linear (medgpt.kernels.cross_entropy.plain_head), the model
+    returns its final hidden states at those positions instead of logits and `linear_cross_entropy` applies the head
+    chunk by chunk, so no [positions, vocab] tensor is kept for backward."""
     labels = inputs["labels"]
     targets = labels[..., 1:]
     # positions whose next token is supervised in any row (padded batches share one set of positions)

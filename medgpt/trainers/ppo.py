@@ -52,7 +52,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("medgpt.ppo")  # the stage's name in the log, as its script's own lines
 
 REF_ADAPTER = "ref"
 VALUE_HEAD_FILE = "value_head.safetensors"

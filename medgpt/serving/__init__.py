@@ -1,6 +1,8 @@
-"""What gradio_demo.py and openai_api.py share: the model flags, loading the chat model, turning chat
-messages (OpenAI's or Gradio's) into a conversation the template renders, and a bounded request queue
-that feeds one generation worker (batching compatible requests)."""
+"""Serving a chat model. This module: what gradio_demo.py and openai_api.py (and inference.py, evaluate_model.py,
+tools/chatpdf.py for the model flags) share: the model flags, loading the chat model, turning chat messages (OpenAI's
+or Gradio's) into a conversation the template renders, and a bounded request queue that feeds one generation worker
+(batching compatible requests). The apps: `openai_app` (the OpenAI-compatible FastAPI app) and `gradio_app` (the chat
+page)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .generation import ChatModel, Completion, GenerationOptions
+from ..generation import ChatModel, Completion, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def load_rag(args: argparse.Namespace):
     """The medgpt.rag.DocumentQA for --rag_docs, or None without it."""
     if not getattr(args, "rag_docs", None):
         return None
-    from .rag import DocumentIndex, DocumentQA
+    from ..rag import DocumentIndex, DocumentQA
 
     index = DocumentIndex.build(args.rag_docs, args.rag_index_dir, embedding_model=args.rag_embedding_model,
                                 device="cpu" if args.use_cpu else None, trust_remote_code=args.trust_remote_code)
