@@ -15,7 +15,7 @@ from medgpt.data.sft import build_sft_datasets
 from medgpt.modeling import apply_lora, load_model, load_tokenizer
 from medgpt.shift_attn import enable_shift_attn
 from medgpt.templates import get_conv_template
-from medgpt.trainers.lm import LeanTrainer
+from medgpt.trainers.lm import LeanTrainer, default_max_packed_tokens
 from medgpt.training import prepare_run, train_and_save
 
 logger = logging.getLogger("medgpt.sft")
@@ -38,7 +38,8 @@ def main(argv=None):
     collator, packed = build_collator(tokenizer, model, sft_args.packing)
     if model_args.shift_attn:  # LongLoRA S²-Attn in training, within each packed sample
         enable_shift_attn(model, sft_args.model_max_length)
-    max_tokens = sft_args.max_packed_tokens if sft_args.max_packed_tokens is not None else 2 * sft_args.model_max_length
+    max_tokens = sft_args.max_packed_tokens if sft_args.max_packed_tokens is not None else \
+        default_max_packed_tokens(sft_args.model_max_length, model, training_args)
     trainer = LeanTrainer(
         model=model,
         args=training_args,

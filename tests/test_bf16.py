@@ -95,10 +95,26 @@ def _tiny_llama(smol_tokenizer, dtype):
                                         initializer_range=0.2)).to(dtype)
 
 
+def test_default_packed_rows_are_longer_in_bf16_on_a_cpu(smol_tokenizer, tmp_path):
+    """SFT/PT rows default to 2 samples' worth of tokens, 3.5 in bf16 on a CPU (--bf16, or bf16 weights), where
+    longer rows are faster at float32's memory (medgpt.trainers.lm.default_max_packed_tokens)."""
+    from transformers import TrainingArguments
+
+    from medgpt.trainers.lm import default_max_packed_tokens
+
+    fp32, bf16 = _tiny_llama(smol_tokenizer, torch.float32), _tiny_llama(smol_tokenizer, torch.bfloat16)
+    plain = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    autocast = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=True)
+    assert default_max_packed_tokens(512, fp32, plain) == 1024
+    assert default_max_packed_tokens(512, fp32, autocast) == 1792
+    assert default_max_packed_tokens(512, bf16, plain) == 1792
+    assert default_max_packed_tokens(300, bf16, plain) == 1050
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_fused_lora_in_bf16_is_as_close_to_float32_as_peft(smol_tokenizer, dropout):
     """bf16 weights, float32 LoRA weights (peft's choice), bf16 autocast: the fused layer (bf16 matmuls, with dropout
-    a bf16 mask drawn from the same numbers) is as close to the float32 model's loss and LoRA gradients as peft's own
+    a bf16 mask drawn from the same numbers, or the bool mask with compact masks) is as close to the float32 model's loss and LoRA gradients as peft's own
     bf16 forward, and adapter gradients stay float32."""
     from medgpt.args import LoraArguments
     from medgpt.kernels.lora import use_fast_cpu_dropout, use_fused_lora
@@ -106,7 +122,8 @@ def test_fused_lora_in_bf16_is_as_close_to_float32_as_peft(smol_tokenizer, dropo
 
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     results = {}
-    for name in ("fp32", "peft-bf16", "fused-bf16"):
+    saved = {}
+    for name in ("fp32", "peft-bf16", "fused-bf16", "fused-bf16-compact"):
         model = _tiny_llama(smol_tokenizer, torch.float32)
         model = apply_lora(model, LoraArguments(lora_dropout=dropout), SimpleNamespace(gradient_checkpointing=False))
         use_fast_cpu_dropout(model)
@@ -116,10 +133,12 @@ def test_fused_lora_in_bf16_is_as_close_to_float32_as_peft(smol_tokenizer, dropo
                     param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(pname))) * 0.1)
                 elif not param.requires_grad and name != "fp32":
                     param.data = param.data.bfloat16()  # the frozen base in bf16, as --torch_dtype bfloat16 loads it
-        if name == "fused-bf16":
-            assert use_fused_lora(model) == 14  # 7 linear layers x 2 decoder layers
+        if name.startswith("fused"):  # 7 linear layers x 2 decoder layers
+            assert use_fused_lora(model, compact_masks=name.endswith("compact")) == 14
         torch.manual_seed(5)  # the same dropout masks in every run
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "fp32"):
+        saved[name] = set()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "fp32"), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved[name].add(t.dtype) or t, lambda t: t):
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -132,6 +151,10 @@ def test_fused_lora_in_bf16_is_as_close_to_float32_as_peft(smol_tokenizer, dropo
         assert loss == pytest.approx(ref_loss, rel=1e-2)
         errors[name] = float((grad - ref).norm() / ref.norm())
     assert errors["fused-bf16"] < 0.05 and errors["fused-bf16"] < 1.5 * errors["peft-bf16"] + 1e-3, errors
+    # compact masks (LeanTrainer's): the same masks kept as bool, so the same loss and gradients
+    assert results["fused-bf16-compact"][0] == results["fused-bf16"][0]
+    assert torch.equal(results["fused-bf16-compact"][1], results["fused-bf16"][1])
+    assert (torch.bool in saved["fused-bf16-compact"]) == (dropout > 0) and torch.bool not in saved["fused-bf16"]
 
 
 def test_linear_cross_entropy_in_bf16_is_close_to_float32():

@@ -21,10 +21,11 @@ ROWS = 64
 logger = logging.getLogger(__name__)
 
 
-def use_cpu_fast_paths(trainer, *models) -> None:
+def use_cpu_fast_paths(trainer, *models, compact_masks: bool = False) -> None:
     """Our training fast paths on `models` (the trainer's model, and e.g. DPO's reference copy), each logged once:
     SwiGLU MLPs recomputing silu(gate) in backward (any device; medgpt/kernels/fused.py), and on a CPU the fused bf16
-    RMSNorm, the fused rotary embedding, FastCPUDropout and the fused LoRA layer (medgpt/kernels/lora.py)."""
+    RMSNorm, the fused rotary embedding, FastCPUDropout and the fused LoRA layer (medgpt/kernels/lora.py; with
+    `compact_masks`, bool dropout masks in bf16 too)."""
     from .fused import use_fused_rmsnorm, use_fused_rotary, use_recomputed_swiglu
     from .lora import use_fast_cpu_dropout, use_fused_lora
 
@@ -44,5 +45,5 @@ def use_cpu_fast_paths(trainer, *models) -> None:
     if applied(use_fast_cpu_dropout):
         logger.info("LoRA dropout: using FastCPUDropout (a multi-draw mask, same distribution)")
     # (not under DeepSpeed/FSDP: they gather sharded weights in module hooks the fused op would bypass)
-    if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled) and applied(use_fused_lora):
+    if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled) and applied(lambda model: use_fused_lora(model, compact_masks)):
         logger.info("LoRA layers: one fused CPU op for dropout + A + B + scaling + add (medgpt/kernels/lora.py)")
