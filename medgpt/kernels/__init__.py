@@ -45,5 +45,6 @@ def use_cpu_fast_paths(trainer, *models, compact_masks: bool = False) -> None:
     if applied(use_fast_cpu_dropout):
         logger.info("LoRA dropout: using FastCPUDropout (a multi-draw mask, same distribution)")
     # (not under DeepSpeed/FSDP: they gather sharded weights in module hooks the fused op would bypass)
-    if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled) and applied(lambda model: use_fused_lora(model, compact_masks)):
+    if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled) \
+            and applied(lambda model: use_fused_lora(model, compact_masks)):
         logger.info("LoRA layers: one fused CPU op for dropout + A + B + scaling + add (medgpt/kernels/lora.py)")

@@ -22,6 +22,7 @@ import math
 import torch
 
 from . import ROWS as _BLOCK  # padding unit: oneDNN builds one matmul kernel per shape
+
 MAX_LENGTH = 512  # longer samples: float32 flash attention (memory; see above)
 _BIASES: dict = {}
 

@@ -26,7 +26,7 @@ from transformers import Trainer
 
 from ..data.collator import TokenStats, base_pretrained_model, pad_packed_row, split_packed_batch
 from ..data.sft import IGNORE_INDEX
-from ..kernels import ROWS as ROW_MULTIPLE
+from ..kernels import ROWS
 from ..kernels import use_cpu_fast_paths
 from ..kernels.cross_entropy import hidden_instead_of_logits, linear_cross_entropy, plain_head
 from ..moe import aux_loss_coef, check_zero3, log_aux_loss_choice, router_aux_term, set_aux_loss_coef
@@ -150,9 +150,9 @@ class LeanTrainer(TokenCountingTrainer):
         if lean_loss and not self.lean_loss:
             logger.warning("%s has no logits_to_keep argument: computing the loss on full logits",
                            type(base_pretrained_model(self.model)).__name__)
-        # bf16 on a CPU: packed rows rounded up to a multiple of ROW_MULTIPLE tokens (see pad_packed_row)
+        # bf16 on a CPU: packed rows rounded up to a multiple of ROWS tokens (see pad_packed_row)
         # (not for MoE models: filler tokens would enter the router's load-balancing loss)
-        self.row_multiple = ROW_MULTIPLE if self.lean_loss and not self.aux_coef and bf16_on_cpu(self.model, self.args) \
+        self.row_multiple = ROWS if self.lean_loss and not self.aux_coef and bf16_on_cpu(self.model, self.args) \
             else None
 
     def _bucketed(self, row: dict) -> dict:
